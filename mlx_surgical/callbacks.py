@@ -1,0 +1,119 @@
+"""Training callbacks: the console progress bar, the metrics file, checkpoints and the best
+adapter. The loop knows none of them; the pipeline picks which to pass."""
+
+import json
+from pathlib import Path
+from typing import Callable, Optional
+
+from .checkpoint import (BEST_DIR, METRICS, TrainState, save_checkpoint, write_adapter)
+from .surgery import adapter_weights
+
+
+class ConsoleProgress:
+    """A tqdm bar over optimizer updates with loss, learning rate and tokens/s."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.bar = None
+
+    def on_start(self, info: dict) -> None:
+        if self.enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=info["total_updates"], initial=info["update"], unit="update", dynamic_ncols=True)
+
+    def on_update(self, report: dict, state: TrainState) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{report['loss']:.3f}", lr=f"{report['learning_rate']:.2e}",
+                                 tok_s=f"{report['tokens_per_second']:.0f}", refresh=False)
+            self.bar.update(1)
+
+    def on_eval(self, report: dict, state: TrainState, improved: bool) -> None:
+        if self.bar is not None and report["val_loss"] is not None:
+            self.bar.write(f"update {report['update']}: validation loss {report['val_loss']:.4f}"
+                           + (" (best)" if improved else ""))
+
+    def on_stop(self, reason: str, state: TrainState) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class MetricsFile:
+    """Appends one JSON line per update and per evaluation to metrics.jsonl."""
+
+    def __init__(self, run_dir: Path):
+        self.path = Path(run_dir) / METRICS
+
+    def _write(self, row: dict) -> None:
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def on_update(self, report: dict, state: TrainState) -> None:
+        self._write(report)
+
+    def on_eval(self, report: dict, state: TrainState, improved: bool) -> None:
+        self._write(report)
+
+
+class Checkpointer:
+    """Writes a resumable checkpoint every `save_every` updates and when the run is stopped,
+    keeps the adapter at the top of the run directory current (so mlx-lm can load the latest
+    at any time), and the best adapter by validation loss in best/."""
+
+    def __init__(self, run_dir: Path, model, optimizer, adapter_config: dict, save_every: int, keep: int,
+                 on_saved: Optional[Callable[[Path], None]] = None):
+        self.run_dir = Path(run_dir)
+        self.model, self.optimizer = model, optimizer
+        self.adapter_config = adapter_config
+        self.save_every, self.keep = save_every, keep
+        self.on_saved = on_saved
+
+    def save(self, state: TrainState) -> Path:
+        path = save_checkpoint(self.run_dir, self.model, self.optimizer, state, self.adapter_config, self.keep)
+        write_adapter(self.run_dir, adapter_weights(self.model), self.adapter_config)
+        if self.on_saved:
+            self.on_saved(path)
+        return path
+
+    def on_update(self, report: dict, state: TrainState) -> None:
+        if state.update % self.save_every == 0:
+            self.save(state)
+
+    def on_eval(self, report: dict, state: TrainState, improved: bool) -> None:
+        if improved:
+            write_adapter(self.run_dir / BEST_DIR, adapter_weights(self.model),
+                          {**self.adapter_config, "update": state.update, "val_loss": report["val_loss"]})
+
+    def on_stop(self, reason: str, state: TrainState) -> None:
+        if reason == "interrupted":
+            self.save(state)
+
+
+def plot_losses(metrics_path: Path, out_path: Path) -> Optional[Path]:
+    """Training and validation loss against optimizer updates, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    train = [(r["update"], r["loss"]) for r in rows if "loss" in r]
+    valid = [(r["update"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
+    if not train:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*zip(*train), label="training loss", linewidth=1)
+    if valid:
+        ax.plot(*zip(*valid), "o-", label="validation loss")
+    ax.set_xlabel("optimizer update")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=100)
+    plt.close(fig)
+    return out_path

@@ -1,0 +1,271 @@
+"""The stages joined into runs: `train_run` (new or resumed) and `validate_run`.
+
+The CLI and the server call these and nothing deeper, so a run started either way is the
+same run: the same run directory, the same files, the same checks.
+"""
+
+import hashlib
+import json
+import platform
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Optional
+
+from . import __version__
+from .checkpoint import (LOSS_PLOT, METRICS, RUN_CONFIG, RUN_INFO, TrainState, latest_checkpoint,
+                         load_checkpoint, write_adapter, write_json_atomic)
+from .config import RunConfig, config_from_dict, save_config
+from .data import BatchStream, EncodedData, PromptFormat, encode_records, eval_batches, split_records
+from .errors import UserError
+from .model import is_local, load_model, load_tokenizer
+from .plan import schedule_for
+from .registry import checksums
+from .surgery import adapter_config, adapter_weights, attach_lora
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    status: str  # succeeded | stopped_early | interrupted
+    updates: int
+    trainable_parameters: int
+    first_loss: Optional[float]
+    final_loss: Optional[float]
+    final_val_loss: Optional[float]
+    best_val_loss: Optional[float]
+
+
+def versions() -> dict:
+    import mlx.core as mx
+    import mlx_lm
+
+    return {"mlx_surgical": __version__, "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__,
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def data_hash(config: RunConfig) -> str:
+    """Identifies the training and validation examples, whether in files or inline."""
+    digest = hashlib.sha256()
+    for split in ("train", "valid"):
+        for record in split_records(config.data, split):
+            digest.update(json.dumps(record.fields, sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+def new_run_dir(config: RunConfig, config_name: str) -> Path:
+    name = config.output.name or f"{config_name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(config.output.dir) / name
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise UserError(f"output.name: run directory {run_dir} already exists; resume it with "
+                        f"`mlx-surgical train --resume {run_dir}` or choose another output.name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def encode_split(config: RunConfig, fmt: PromptFormat, split: str) -> EncodedData:
+    records = split_records(config.data, split)
+    return encode_records(records, fmt, config.training.max_seq_length, config.data.overlength,
+                          config.data.mask_prompt)
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM (or a caller) and polled by the loop after each update, so a stop
+    always lands on a clean update boundary. A second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __call__(self) -> bool:
+        return self.requested
+
+    def install(self):
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def handler(signum, frame):
+            if self.requested and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.requested = True
+
+        for s in previous:
+            signal.signal(s, handler)
+        return lambda: [signal.signal(s, h) for s, h in previous.items()]
+
+
+def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[Path] = None,
+              progress: bool = True, log: Callable[[str], None] = print, callbacks: tuple = (),
+              stop_flag: Optional[StopFlag] = None) -> RunResult:
+    """Train (or resume) one run and write its directory. Raises UserError for bad input,
+    TrainingDiverged for a NaN loss and TrainingInterrupted after a checkpointed stop."""
+    import mlx.core as mx
+
+    from .callbacks import Checkpointer, ConsoleProgress, MetricsFile, plot_losses
+    from .train import (LoopSettings, TrainingDiverged, TrainingInterrupted, evaluate, learning_rate_schedule,
+                        make_optimizer, masked_cross_entropy, train)
+
+    t_start = time.perf_counter()
+    run_dir = Path(resume_dir) if resume_dir else new_run_dir(config, config_name)
+    info_path = run_dir / RUN_INFO
+    info = json.loads(info_path.read_text()) if resume_dir else {"name": run_dir.name, "created": _now()}
+
+    loaded = load_model(config.model.path, config.model.revision, config.model.dtype)
+    fmt = PromptFormat(loaded.tokenizer, config.data.prompt_format, config.data.system_prompt)
+    train_data, valid_data = encode_split(config, fmt, "train"), encode_split(config, fmt, "valid")
+    for line in train_data.report_lines("train") + valid_data.report_lines("valid"):
+        log(line)
+    current_hash = data_hash(config)
+    if resume_dir and info.get("data", {}).get("hash") not in (None, current_hash):
+        raise UserError(f"{run_dir}: the training data changed since this run started; "
+                        "resume needs the same examples (or start a new run)")
+
+    t = config.training
+    schedule = schedule_for(len(train_data.samples), t)
+    stream = BatchStream(train_data.samples, t.batch_size, t.seed, t.max_seq_length)
+    trainable = attach_lora(loaded.model, config.lora, t.seed)
+    lr = learning_rate_schedule(t.learning_rate, t.min_learning_rate, schedule.warmup_updates, schedule.updates,
+                                t.schedule)
+    optimizer = make_optimizer(lr, t.weight_decay)
+    optimizer.init(loaded.model.trainable_parameters())
+    adapter_cfg = adapter_config(config.lora, loaded.shape, config.model.path,
+                                 prompt={"format": fmt.style, "system_prompt": config.data.system_prompt})
+
+    state = TrainState()
+    if resume_dir:
+        checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is None:
+            raise UserError(f"{run_dir}: no checkpoint to resume from; start the run again")
+        state = load_checkpoint(checkpoint, loaded.model, optimizer)
+        _truncate_metrics(run_dir / METRICS, state.update)
+        log(f"resuming {run_dir} from update {state.update} of {schedule.updates}")
+    else:
+        save_config(config, run_dir / RUN_CONFIG)
+        write_adapter(run_dir, adapter_weights(loaded.model), adapter_cfg)
+
+    info.update({
+        "status": "running",
+        "base_model": {"path": config.model.path, "resolved_path": str(loaded.path),
+                       "fingerprint": loaded.shape.fingerprint(), "shape": loaded.shape.describe()},
+        "data": {"hash": current_hash, "train_examples": len(train_data.samples),
+                 "valid_examples": len(valid_data.samples), "train_tokens": train_data.tokens,
+                 "truncated": train_data.truncated, "skipped": train_data.skipped},
+        "trainable_parameters": trainable,
+        "schedule": schedule.to_dict(),
+        "prompt_format": fmt.style,
+        "versions": versions(),
+    })
+    info.setdefault("timings", {})["load_seconds"] = round(time.perf_counter() - t_start, 2)
+    write_json_atomic(info_path, info)
+    log(f"run {run_dir}: {trainable:,} trainable parameters, {len(train_data.samples)} examples, "
+        f"{schedule.updates} optimizer updates ({schedule.epochs:g} epochs x {schedule.micro_batches_per_epoch} "
+        f"micro-batches / {t.grad_accumulation_steps} accumulation steps)")
+
+    eval_fn = None
+    if valid_data.samples:
+        def eval_fn():
+            return evaluate(loaded.model, masked_cross_entropy,
+                            eval_batches(valid_data.samples, t.batch_size, t.max_seq_length))
+
+    console = ConsoleProgress(enabled=progress)
+    checkpointer = Checkpointer(run_dir, loaded.model, optimizer, adapter_cfg, t.save_every, t.keep_checkpoints)
+    stop_flag = stop_flag or StopFlag()
+    restore_signals = stop_flag.install()
+    settings = LoopSettings(schedule.updates, t.grad_accumulation_steps, t.eval_every, t.patience, t.seed)
+
+    status = "failed"
+    try:
+        result = train(loaded.model, optimizer, masked_cross_entropy, stream.batch, settings, state, eval_fn,
+                       callbacks=(console, MetricsFile(run_dir), checkpointer, *callbacks), should_stop=stop_flag)
+        status = "stopped_early" if result.stopped_early else "succeeded"
+    except TrainingInterrupted:
+        status = "interrupted"
+        raise
+    except TrainingDiverged as e:
+        info["error"] = str(e)
+        raise
+    finally:
+        restore_signals()
+        console.close()
+        info["status"] = status
+        info["update"] = state.update
+        info["timings"].update({"train_seconds": round(state.train_seconds, 2), "finished": _now()})
+        info["best"] = {"val_loss": state.best_val_loss, "update": state.best_update}
+        if (run_dir / METRICS).exists():
+            plot_losses(run_dir / METRICS, run_dir / LOSS_PLOT)
+        write_json_atomic(info_path, info)
+
+    write_adapter(run_dir, adapter_weights(loaded.model), adapter_cfg)
+    history = _read_metrics(run_dir / METRICS)
+    losses = [r["loss"] for r in history if "loss" in r]
+    info["final"] = {"loss": losses[-1] if losses else None, "val_loss": result.final_val_loss}
+    info["checksums"] = checksums(run_dir)
+    write_json_atomic(info_path, info)
+    return RunResult(run_dir, status, state.update, trainable, losses[0] if losses else None,
+                     losses[-1] if losses else None, result.final_val_loss, state.best_val_loss)
+
+
+def _read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _truncate_metrics(path: Path, update: int) -> None:
+    """Drop rows written after the checkpoint we resume from; they will be written again."""
+    from .checkpoint import write_text_atomic
+
+    rows = [r for r in _read_metrics(path) if r["update"] <= update]
+    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    path = Path(run_dir) / RUN_CONFIG
+    if not path.exists():
+        raise UserError(f"{run_dir}: not a run directory (no {RUN_CONFIG})")
+    return config_from_dict(json.loads(path.read_text()), source=str(path))
+
+
+def resume_run(run_dir: Path, **kwargs) -> RunResult:
+    return train_run(load_run_config(run_dir), resume_dir=Path(run_dir), **kwargs)
+
+
+def validate_run(config: RunConfig) -> list[str]:
+    """Check a config and its data without loading weights. Returns what was found; raises
+    UserError listing every problem. Lengths are checked when the tokenizer is local."""
+    problems, notes = [], []
+    encoded = {}
+    try:
+        tokenizer = load_tokenizer(config.model.path, config.model.revision) if is_local(config.model.path) else None
+    except UserError as e:
+        problems += e.problems
+        tokenizer = None
+    if tokenizer is None and not problems:
+        notes.append(f"model {config.model.path} is not local: example lengths not checked")
+    for split in ("train", "valid"):
+        try:
+            records = split_records(config.data, split)
+            if tokenizer is not None and records:
+                fmt = PromptFormat(tokenizer, config.data.prompt_format, config.data.system_prompt)
+                encoded[split] = encode_records(records, fmt, config.training.max_seq_length,
+                                                config.data.overlength, config.data.mask_prompt)
+                notes += encoded[split].report_lines(split)
+            notes.append(f"{split}: {len(records)} examples")
+        except UserError as e:
+            problems += e.problems
+    if "train" in encoded:
+        if not encoded["train"].samples:
+            problems.append("training data: no example is left after length checks; raise training.max_seq_length")
+        else:
+            notes.append(f"schedule: {schedule_for(len(encoded['train'].samples), config.training).updates} "
+                         "optimizer updates")
+    if problems:
+        raise UserError(*problems)
+    return notes

@@ -1,0 +1,200 @@
+"""The training loop: compiled gradient step, gradient accumulation, schedule, evaluation.
+
+`train` receives everything that varies as arguments (the loss, the batches, the
+callbacks), so resume, QLoRA and distributed runs use this one loop. Progress reaches the
+console, the metrics file and the server only through callbacks.
+
+Accumulation is exact: the loss function returns a token-summed loss and its token
+count, the gradients of the sums are added over the micro-batches, and the update divides
+by the total token count. So batch 1 x 4 steps gives the same update as batch 4.
+"""
+
+import math
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Callable, Optional, Protocol
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_map
+
+from .checkpoint import TrainState
+from .data import Batch
+from .errors import UserError
+
+
+def masked_cross_entropy(model, inputs, targets, mask):
+    """Token-summed cross-entropy over the masked (response) positions, and their count."""
+    logits = model(inputs).astype(mx.float32)
+    losses = nn.losses.cross_entropy(logits, targets) * mask
+    return losses.sum(), mask.sum()
+
+
+def learning_rate_schedule(peak: float, minimum: float, warmup: int, total: int, kind: str):
+    """Linear warmup from peak/warmup to peak over `warmup` updates, then decay to `minimum`
+    by the last update. MLX evaluates the schedule at the optimizer's step count before each
+    update, so update k (0-based) runs at schedule(k)."""
+    decay_steps = max(total - warmup, 1)
+    decay = {
+        "cosine": lambda: optim.cosine_decay(peak, decay_steps, minimum),
+        "linear": lambda: optim.linear_schedule(peak, minimum, decay_steps),
+        "constant": lambda: (lambda step: mx.array(peak, mx.float32)),
+    }[kind]()
+    if warmup <= 0:
+        return decay
+    ramp = optim.linear_schedule(peak / warmup, peak, max(warmup - 1, 1)) if warmup > 1 else (lambda s: peak)
+    return optim.join_schedules([ramp, decay], [warmup])
+
+
+def make_optimizer(learning_rate, weight_decay: float) -> optim.AdamW:
+    # Bias-corrected like PyTorch's AdamW, so recipes carry over; weight decay is decoupled.
+    return optim.AdamW(learning_rate=learning_rate, weight_decay=weight_decay, bias_correction=True)
+
+
+class Callback(Protocol):
+    """Every hook is optional; a callback implements the ones it needs."""
+
+    def on_start(self, info: dict) -> None: ...
+    def on_update(self, report: dict, state: TrainState) -> None: ...
+    def on_eval(self, report: dict, state: TrainState, improved: bool) -> None: ...
+    def on_stop(self, reason: str, state: TrainState) -> None: ...
+
+
+class TrainingDiverged(UserError):
+    pass
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C or a stop request: the callbacks have written a checkpoint, then this is raised."""
+
+
+@dataclass
+class LoopSettings:
+    total_updates: int
+    grad_accumulation_steps: int
+    eval_every: int
+    patience: int = 0
+    seed: int = 0
+    world: Optional[object] = None  # mx.distributed group; None for one process
+
+
+def dropout_seed(seed: int, position: int) -> int:
+    """Each micro-batch draws its dropout masks from a key fixed by (seed, position), so a
+    resumed run needs no saved random state to continue exactly."""
+    return (seed % 2 ** 31) * 2 ** 32 + position
+
+
+@dataclass
+class LoopResult:
+    state: TrainState
+    stopped_early: bool
+    final_val_loss: Optional[float]
+    history: list = field(default_factory=list)
+
+
+def _emit(callbacks, hook: str, *args):
+    for cb in callbacks:
+        fn = getattr(cb, hook, None)
+        if fn is not None:
+            fn(*args)
+
+
+def evaluate(model, loss_fn, batches, world=None) -> Optional[float]:
+    """Token-weighted mean loss over all batches (with dropout off)."""
+    model.eval()
+    total, count = mx.array(0.0), mx.array(0.0)
+    for batch in batches:
+        loss_sum, ntoks = loss_fn(model, mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask))
+        total, count = total + loss_sum, count + ntoks
+        mx.eval(total, count)
+    model.train()
+    if world is not None and world.size() > 1:
+        total, count = mx.distributed.all_sum(total, stream=mx.cpu), mx.distributed.all_sum(count, stream=mx.cpu)
+    return (total / count).item() if count.item() > 0 else None
+
+
+def train(model, optimizer, loss_fn: Callable, batch_at: Callable[[int], Batch], settings: LoopSettings,
+          state: TrainState, eval_fn: Optional[Callable[[], Optional[float]]] = None,
+          callbacks: tuple = (), should_stop: Callable[[], bool] = lambda: False) -> LoopResult:
+    """Run optimizer updates from `state.update` to `settings.total_updates`.
+
+    batch_at(position) returns the micro-batch at a position in the data order, so a resumed
+    loop continues exactly where the checkpoint left off. should_stop is polled after every
+    update (Ctrl-C, a stop request): the callbacks see on_stop("interrupted") at a clean
+    update boundary, where a checkpoint resumes exactly, and TrainingInterrupted is raised.
+    """
+    accum = settings.grad_accumulation_steps
+    world = settings.world
+    ranks = world.size() if world is not None else 1
+    value_and_grad = nn.value_and_grad(model, loss_fn)
+    compiled_state = [model.state, optimizer.state, mx.random.state]
+
+    @partial(mx.compile, inputs=compiled_state, outputs=compiled_state)
+    def grad_step(inputs, targets, mask):
+        (loss_sum, ntoks), grads = value_and_grad(model, inputs, targets, mask)
+        return loss_sum, ntoks, grads
+
+    @partial(mx.compile, inputs=compiled_state, outputs=compiled_state)
+    def apply_update(grads, ntoks):
+        if ranks > 1:
+            grads = tree_map(lambda g: mx.distributed.all_sum(g), grads)
+        optimizer.update(model, tree_map(lambda g: g / ntoks, grads))
+
+    model.train()
+    history = []
+    final_val = None
+    stopped_early = False
+    _emit(callbacks, "on_start", {"total_updates": settings.total_updates, "update": state.update})
+    while state.update < settings.total_updates:
+        tic = time.perf_counter()
+        grads, loss_total, tok_total, tokens = None, mx.array(0.0), mx.array(0.0), 0
+        for micro in range(accum):
+            batch = batch_at(state.position + micro)
+            mx.random.seed(dropout_seed(settings.seed, state.position + micro))
+            loss_sum, ntoks, g = grad_step(mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask))
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            loss_total, tok_total = loss_total + loss_sum, tok_total + ntoks
+            tokens += batch.tokens
+            mx.eval(grads, loss_total, tok_total)
+        if ranks > 1:
+            loss_total = mx.distributed.all_sum(loss_total, stream=mx.cpu)
+            tok_total = mx.distributed.all_sum(tok_total, stream=mx.cpu)
+        loss = (loss_total / mx.maximum(tok_total, 1)).item()
+        if not math.isfinite(loss):
+            raise TrainingDiverged(
+                f"training: loss became {loss} at update {state.update + 1}; the last checkpoint is kept. "
+                "Lower training.learning_rate or check the data.")
+        apply_update(grads, tok_total)
+        mx.eval(model.trainable_parameters(), optimizer.state)
+
+        seconds = time.perf_counter() - tic
+        state.update += 1
+        state.position += accum
+        state.tokens += tokens * ranks
+        state.train_seconds += seconds
+        report = {"update": state.update, "total_updates": settings.total_updates, "loss": loss,
+                  "learning_rate": optimizer.learning_rate.item(), "tokens_per_second": tokens * ranks / seconds,
+                  "tokens": state.tokens, "seconds": seconds, "peak_memory_gb": mx.get_peak_memory() / 1e9}
+        history.append(report)
+        _emit(callbacks, "on_update", report, state)
+
+        last = state.update == settings.total_updates
+        if eval_fn is not None and (state.update % settings.eval_every == 0 or last):
+            val_loss = eval_fn()
+            final_val = val_loss
+            improved = val_loss is not None and (state.best_val_loss is None or val_loss < state.best_val_loss)
+            if improved:
+                state.best_val_loss, state.best_update, state.evals_since_best = val_loss, state.update, 0
+            else:
+                state.evals_since_best += 1
+            _emit(callbacks, "on_eval", {"update": state.update, "val_loss": val_loss}, state, improved)
+            if settings.patience and state.evals_since_best >= settings.patience and not last:
+                stopped_early = True
+                _emit(callbacks, "on_stop", "early_stopping", state)
+                break
+        if not last and should_stop():
+            _emit(callbacks, "on_stop", "interrupted", state)
+            raise TrainingInterrupted(f"stopped at update {state.update} of {settings.total_updates}")
+    return LoopResult(state, stopped_early, final_val, history)

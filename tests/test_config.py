@@ -1,0 +1,81 @@
+import json
+
+import pytest
+
+from mlx_surgical.config import config_from_dict, help_lines, load_config, preset_names, preset_path
+from mlx_surgical.errors import UserError
+
+MINIMAL = {"model": {"path": "m"}, "data": {"examples": [{"instruction": "a", "response": "b"}]}}
+
+
+def problems_of(raw) -> list[str]:
+    with pytest.raises(UserError) as err:
+        config_from_dict(raw, source="c.json")
+    return err.value.problems
+
+
+def test_defaults_are_the_surgical_recipe():
+    c = config_from_dict(MINIMAL)
+    assert (c.lora.rank, c.lora.alpha, c.lora.dropout) == (8, 16.0, 0.05)
+    assert c.lora.target_modules == ["q_proj", "k_proj", "v_proj"]
+    assert c.lora.scale == 2.0
+    assert (c.training.learning_rate, c.training.batch_size, c.training.grad_accumulation_steps) == (1e-4, 1, 4)
+    assert (c.training.warmup_steps, c.training.schedule, c.training.weight_decay) == (50, "cosine", 0.01)
+
+
+def test_every_problem_is_reported_at_once_with_its_field():
+    raw = {
+        "model": {"path": "m", "colour": "red"},
+        "lora": {"rank": 0, "dropout": 1.5, "target_modules": ["q_proj", "qq_proj"]},
+        "training": {"lerning_rate": 1e-4, "batch_size": "four", "epochs": 2, "iters": 5},
+        "data": {},
+        "extra": {},
+    }
+    found = problems_of(raw)
+    text = "\n".join(found)
+    assert "c.json: model.colour: unknown key" in text
+    assert "training.lerning_rate: unknown key; did you mean 'learning_rate'?" in text
+    assert "training.batch_size: expected an integer" in text
+    assert "lora.rank: must be at least 1" in text
+    assert "lora.dropout: must be in [0, 1)" in text
+    assert "unknown projection 'qq_proj'" in text
+    assert "set training.epochs or training.iters, not both" in text
+    assert "c.json: extra: unknown key" in text
+    assert "give training data" in text
+    assert len(found) >= 9
+    assert all("\n" not in p for p in found)
+
+
+def test_malformed_json_names_file_line_and_column(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('{"model": {"path": "m"},\n  "lora": {rank: 8}}')
+    with pytest.raises(UserError, match=r"bad.json:2:\d+: malformed JSON"):
+        load_config(path)
+
+
+def test_data_paths_are_relative_to_the_config_file(tmp_path):
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "sub" / "c.json"
+    path.write_text(json.dumps({"model": {"path": "m"}, "data": {"train": "train.jsonl"}}))
+    assert load_config(path).data.train == str(tmp_path / "sub" / "train.jsonl")
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_every_shipped_preset_loads(name):
+    config = load_config(preset_path(name))
+    assert config.model.path
+
+
+def test_presets_ship_the_documented_recipes():
+    surgical = load_config(preset_path("surgical"))
+    assert (surgical.lora.rank, surgical.lora.alpha, surgical.lora.dropout) == (8, 16.0, 0.05)
+    assert surgical.lora.target_modules == ["q_proj", "k_proj", "v_proj"]
+    assert (surgical.training.epochs, surgical.training.learning_rate, surgical.training.warmup_steps) == (25, 1e-4, 50)
+    nuclear = load_config(preset_path("nuclear"))
+    assert (nuclear.lora.rank, nuclear.lora.alpha, nuclear.training.epochs) == (32, 64.0, 100)
+    assert len(nuclear.lora.target_modules) == 7
+
+
+def test_help_lists_every_setting_with_its_default():
+    text = "\n".join(help_lines())
+    assert "[training]" in text and "grad_accumulation_steps = 4" in text

@@ -1,0 +1,98 @@
+import json
+
+import numpy as np
+import pytest
+
+from mlx_surgical.data import (BatchStream, PromptFormat, collate, encode_records, inline_records, read_records,
+                               sample_path, to_messages)
+from mlx_surgical.errors import UserError
+from mlx_surgical.model import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model):
+    return load_tokenizer(str(tiny_model))
+
+
+def test_bundled_data_has_about_120_pairs_split_three_ways():
+    counts = {split: len(read_records(sample_path(split))) for split in ("train", "valid", "test")}
+    assert sum(counts.values()) == 120 and min(counts.values()) >= 8
+    train_prompts = {r.fields["instruction"] for r in read_records(sample_path("train"))}
+    assert not train_prompts & {r.fields["instruction"] for r in read_records(sample_path("test"))}
+
+
+@pytest.mark.parametrize("row, user, answer", [
+    ({"instruction": "Do it", "response": "Done"}, "Do it", "Done"),
+    ({"instruction": "Add", "input": "1 + 2", "output": "3"}, "Add\n\n1 + 2", "3"),
+    ({"prompt": "Q", "completion": "A"}, "Q", "A"),
+    ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}, "Hi", "Hello"),
+])
+def test_every_accepted_shape_becomes_messages(row, user, answer):
+    messages, has_answer = to_messages(inline_records([row], "x")[0])
+    assert has_answer and messages[-2]["content"] == user and messages[-1]["content"] == answer
+
+
+def test_malformed_jsonl_line_is_named(tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"instruction": "a", "response": "b"}\n{"instruction": "a", "response": \n')
+    with pytest.raises(UserError, match=r"train.jsonl:2: malformed JSON line"):
+        read_records(path)
+
+
+def test_missing_field_and_empty_file_are_named(tmp_path):
+    with pytest.raises(UserError, match=r"x\[0\]: field 'response' must be a non-empty string"):
+        to_messages(inline_records([{"instruction": "a"}], "x")[0])
+    with pytest.raises(UserError, match=r"x\[0\]: no known fields"):
+        to_messages(inline_records([{"question": "a"}], "x")[0])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    from mlx_surgical.data import check_records
+
+    with pytest.raises(UserError, match="empty.jsonl: no examples"):
+        check_records(read_records(empty), str(empty))
+
+
+def test_llama2_prompt_and_response_only_mask(tokenizer):
+    fmt = PromptFormat(tokenizer)
+    assert fmt.style == "llama2"  # like CodeLlama-Instruct, the tiny tokenizer has no template
+    messages = [{"role": "user", "content": "Write add"}, {"role": "assistant", "content": "def add(a, b): ..."}]
+    ids, start = fmt.example_ids(messages, True)
+    assert tokenizer.decode(ids[:start]) == "<s> [INST] Write add [/INST]"
+    assert tokenizer.decode(ids[start:]).strip() == "def add(a, b): ... </s>".replace(" </s>", "</s>")
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+    batch = collate(encode_records(inline_records([{"instruction": "Write add", "response": "def add(a, b): ..."}],
+                                                  "x"), fmt, 512, "truncate", True).samples, 512)
+    learned = batch.targets[0][batch.mask[0] > 0]
+    assert list(learned) == ids[start:]
+
+
+def test_overlength_is_truncated_skipped_or_refused(tokenizer):
+    fmt = PromptFormat(tokenizer)
+    rows = inline_records([{"instruction": "short", "response": "word " * 200},
+                           {"instruction": "long " * 200, "response": "x"}], "data.examples")
+    truncated = encode_records(rows, fmt, 64, "truncate", True)
+    assert truncated.truncated == ["data.examples[0]"] and len(truncated.samples[0].ids) == 64
+    # A prompt that fills the context would leave an empty answer: it is left out, never trained.
+    assert truncated.skipped == ["data.examples[1]"]
+    skipped = encode_records(rows, fmt, 64, "skip", True)
+    assert skipped.samples == [] and len(skipped.skipped) == 2
+    with pytest.raises(UserError, match=r"data.examples\[0\]: example is \d+ tokens, longer than"):
+        encode_records(rows, fmt, 64, "error", True)
+
+
+def test_batch_order_is_a_function_of_seed_and_position(tokenizer):
+    fmt = PromptFormat(tokenizer)
+    samples = encode_records(read_records(sample_path("train")), fmt, 512, "truncate", True).samples
+    a, b = BatchStream(samples, 2, 7, 512), BatchStream(samples, 2, 7, 512)
+    positions = [0, 51, 52, 130, 3]
+    assert [a.indices(p) for p in positions] == [b.indices(p) for p in positions]
+    epoch = [i for p in range(a.per_epoch) for i in a.indices(p)]
+    assert sorted(epoch) == list(range(len(samples)))
+    assert [a.indices(p) for p in range(a.per_epoch)] != [a.indices(p) for p in range(a.per_epoch, 2 * a.per_epoch)]
+    assert np.all(a.batch(0).inputs.shape[1] % 32 == 0)
+
+
+def test_json_list_files_are_read(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([{"text": "hello"}]))
+    assert read_records(path)[0].origin == f"{path}[0]"

@@ -1,0 +1,186 @@
+"""The training engine on the tiny model: exact accumulation, schedule, counts, NaN, resume."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from mlx_surgical.callbacks import Checkpointer
+from mlx_surgical.checkpoint import TrainState, latest_checkpoint
+from mlx_surgical.config import LoraConfig, TrainingConfig, save_config
+from mlx_surgical.data import Sample, collate
+from mlx_surgical.model import load_model
+from mlx_surgical.pipeline import train_run
+from mlx_surgical.plan import lora_parameter_count, schedule_for
+from mlx_surgical.surgery import attach_lora
+from mlx_surgical.train import (LoopSettings, TrainingDiverged, learning_rate_schedule, make_optimizer,
+                                masked_cross_entropy, train)
+
+
+def lora_weights(model) -> dict:
+    return {k: np.array(v) for k, v in tree_flatten(model.trainable_parameters())}
+
+
+def fresh_lora_model(tiny_model, dropout=0.0):
+    loaded = load_model(str(tiny_model))
+    attach_lora(loaded.model, LoraConfig(dropout=dropout), seed=3)
+    return loaded
+
+
+def run_updates(tiny_model, batches, accum, updates):
+    loaded = fresh_lora_model(tiny_model)
+    optimizer = make_optimizer(1e-2, 0.01)
+    optimizer.init(loaded.model.trainable_parameters())
+    train(loaded.model, optimizer, masked_cross_entropy, lambda position: batches[position],
+          LoopSettings(updates, accum, eval_every=10 ** 9), TrainState())
+    return lora_weights(loaded.model)
+
+
+def test_accumulation_is_exactly_a_larger_batch(tiny_model):
+    rng = np.random.default_rng(0)
+    samples = [Sample(rng.integers(3, 500, size=48).astype(np.int32), loss_start=12, origin=str(i)) for i in range(8)]
+    one_by_four = [collate([s], 512) for s in samples]
+    four_at_once = [collate(samples[:4], 512), collate(samples[4:], 512)]
+    accumulated = run_updates(tiny_model, one_by_four, accum=4, updates=2)
+    batched = run_updates(tiny_model, four_at_once, accum=1, updates=2)
+    assert accumulated.keys() == batched.keys()
+    for name in batched:
+        np.testing.assert_allclose(accumulated[name], batched[name], atol=2e-6, rtol=1e-5)
+    untouched = fresh_lora_model(tiny_model)
+    assert any(np.abs(batched[k] - v).max() > 1e-4 for k, v in lora_weights(untouched.model).items())
+
+
+def test_warmup_then_cosine_counted_in_updates():
+    schedule = learning_rate_schedule(1e-3, 1e-5, warmup=4, total=20, kind="cosine")
+    rates = [schedule(mx.array(step)).item() for step in range(20)]
+    assert rates[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert rates[4] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(rates[4:], rates[5:]))
+    assert rates[19] == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + math.cos(math.pi * 15 / 16)), rel=1e-4)
+
+
+def test_epochs_become_a_known_number_of_updates():
+    surgical = TrainingConfig(epochs=25, batch_size=1, grad_accumulation_steps=4, warmup_steps=50)
+    assert schedule_for(116, surgical).updates == 725
+    assert schedule_for(116, TrainingConfig(iters=10)).updates == 10
+
+
+def test_trainable_parameters_are_exactly_the_target_projections(tiny_model):
+    loaded = load_model(str(tiny_model))
+    lora = LoraConfig()
+    count = attach_lora(loaded.model, lora, seed=0)
+    assert count == lora_parameter_count(loaded.shape, lora)
+    names = [k for k, _ in tree_flatten(loaded.model.trainable_parameters())]
+    assert {n.split(".")[-2] for n in names} == {"q_proj", "k_proj", "v_proj"}
+    assert {n.split(".")[-1] for n in names} == {"lora_a", "lora_b"}
+    last_one = load_model(str(tiny_model))
+    assert attach_lora(last_one.model, LoraConfig(layers=1), seed=0) == count // loaded.shape.num_layers
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tiny_model, tmp_path):
+    loaded = fresh_lora_model(tiny_model)
+    optimizer = make_optimizer(1e-3, 0.0)
+    optimizer.init(loaded.model.trainable_parameters())
+    good = collate([Sample(np.arange(3, 40, dtype=np.int32), 5, "good")], 512)
+    poisoned = collate([Sample(np.arange(4, 41, dtype=np.int32), 5, "poisoned")], 512)
+
+    def loss_that_diverges(model, inputs, targets, mask):
+        # The step is compiled, so the NaN must come from the data, not from Python state.
+        loss, ntoks = masked_cross_entropy(model, inputs, targets, mask)
+        return mx.where(inputs[0, 0] == 4, mx.array(float("nan")), loss), ntoks
+
+    checkpointer = Checkpointer(tmp_path, loaded.model, optimizer, {"fine_tune_type": "lora"}, save_every=2, keep=2)
+    state = TrainState()
+    with pytest.raises(TrainingDiverged, match="loss became nan at update 3"):
+        train(loaded.model, optimizer, loss_that_diverges, lambda p: good if p < 4 else poisoned,
+              LoopSettings(10, 2, eval_every=10 ** 9), state, callbacks=(checkpointer,))
+    assert latest_checkpoint(tmp_path).name == "update-0000002"
+    assert state.update == 2
+
+
+def test_run_directory_and_mlx_lm_loads_the_adapter(make_config):
+    from mlx_lm.utils import load
+
+    result = train_run(make_config(), progress=False, log=lambda _: None)
+    run = result.run_dir
+    for name in ("adapters.safetensors", "adapter_config.json", "run.json", "run_config.json", "metrics.jsonl",
+                 "loss.png", "best/adapters.safetensors"):
+        assert (run / name).exists(), name
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "succeeded" and info["trainable_parameters"] == result.trainable_parameters
+    assert info["base_model"]["fingerprint"] and info["data"]["hash"] and info["versions"]["mlx"]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"update", "loss", "learning_rate", "tokens_per_second", "peak_memory_gb"} <= rows[0].keys()
+    assert any("val_loss" in r for r in rows)
+
+    # mlx-lm's own loader takes the run directory as it is, and applies the same weights.
+    model, tokenizer = load(info["base_model"]["path"], adapter_path=str(run))
+    ours = dict(tree_flatten(model.trainable_parameters()))
+    saved = mx.load(str(run / "adapters.safetensors"))
+    assert ours.keys() >= saved.keys()
+    for k, v in saved.items():
+        assert mx.array_equal(ours[k], v)
+
+
+def _start(config_path: Path, *extra):
+    return subprocess.Popen([sys.executable, "-m", "mlx_surgical", "train", *extra, "--no-progress"]
+                            + ([str(config_path)] if config_path else []),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for(path_glob: Path, pattern: str, proc, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if list(path_glob.glob(pattern)):
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"training ended before {pattern} appeared:\n{proc.stdout.read()}")
+        time.sleep(0.02)
+    pytest.fail(f"{pattern} did not appear")
+
+
+@pytest.mark.parametrize("how", ["sigkill", "ctrl-c"])
+def test_killed_run_resumes_to_the_same_adapter(make_config, tmp_path, how):
+    def config_file(name):
+        config = make_config(iters=16, save_every=4, eval_every=8, grad_accumulation_steps=3)
+        config.lora.dropout = 0.1  # the random state must be restored too
+        config.output.name = name
+        path = tmp_path / f"{name}.json"
+        save_config(config, path)
+        return path, Path(config.output.dir) / name
+
+    straight_cfg, straight_dir = config_file("straight")
+    assert _start(straight_cfg).wait() == 0
+
+    cut_cfg, cut_dir = config_file("cut")
+    proc = _start(cut_cfg)
+    _wait_for(cut_dir / "checkpoints", "update-0000004", proc)
+    if how == "sigkill":
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
+    else:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 130, out
+        assert "checkpoint saved" in out
+        assert json.loads((cut_dir / "run.json").read_text())["status"] == "interrupted"
+    assert json.loads((cut_dir / "run.json").read_text())["status"] != "succeeded"
+
+    resumed = _start(None, "--resume", str(cut_dir))
+    out, _ = resumed.communicate(timeout=240)
+    assert resumed.returncode == 0, out
+    assert "resuming" in out
+    a, b = mx.load(str(straight_dir / "adapters.safetensors")), mx.load(str(cut_dir / "adapters.safetensors"))
+    for name in a:
+        np.testing.assert_allclose(np.array(a[name]), np.array(b[name]), atol=1e-5)
+    rows = [json.loads(line) for line in (cut_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["update"] for r in rows if "loss" in r] == list(range(1, 17))
