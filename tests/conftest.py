@@ -49,3 +49,20 @@ def short_config(model_dir, out_dir, **training):
 @pytest.fixture
 def make_config(tiny_model, tmp_path):
     return lambda **training: short_config(tiny_model, tmp_path / "adapters", **training)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_model, tmp_path_factory):
+    """A finished run on the tiny model whose LoRA B matrices are far from zero."""
+    from mlx_surgical.pipeline import train_run
+
+    config = short_config(tiny_model, tmp_path_factory.mktemp("adapters"), iters=8, learning_rate=2e-2)
+    return train_run(config, progress=False, log=lambda _: None).run_dir
+
+
+@pytest.fixture(scope="session")
+def other_tiny_model(tmp_path_factory):
+    """A base model of another shape, for refusal tests."""
+    from mlx_surgical.tiny import TinyShape
+
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "other", TinyShape(layers=3, hidden_size=128))

@@ -1,0 +1,126 @@
+"""Every export format, loaded back by the tool that consumes it."""
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mlx_surgical.errors import UserError
+from mlx_surgical.export import export_adapter
+from mlx_surgical.export.adapter import read_adapter
+from mlx_surgical.generate import load_for_generation
+from mlx_surgical.model import load_model
+
+PROMPT_IDS = [1, 366, 480, 492, 511, 475, 469, 402, 268, 305, 366, 486, 480, 436, 290, 274]
+
+
+def adapted_logits(tiny_model, run_dir) -> np.ndarray:
+    loaded = load_for_generation(str(tiny_model), run_dir)
+    return np.array(loaded.model(mx.array([PROMPT_IDS])))
+
+
+def test_mlx_export_is_clean_and_loads_in_mlx_lm(trained_run, tiny_model, tmp_path):
+    from mlx_lm.utils import load
+
+    out = export_adapter(trained_run, "mlx", tmp_path / "mlx")
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapters.safetensors"]
+    model, _ = load(str(tiny_model), adapter_path=str(out))
+    np.testing.assert_array_equal(np.array(model(mx.array([PROMPT_IDS]))), adapted_logits(tiny_model, trained_run))
+    with pytest.raises(UserError, match="already exists"):
+        export_adapter(trained_run, "mlx", out)
+
+
+def test_peft_export_loads_in_real_peft_with_the_same_logits(trained_run, tiny_model, tmp_path):
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    from transformers import LlamaForCausalLM
+
+    out = export_adapter(trained_run, "peft", tmp_path / "peft")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
+    assert config["r"] == 8 and config["lora_alpha"] == 16 and config["target_modules"] == ["q_proj", "k_proj", "v_proj"]
+    assert "layers_to_transform" not in config
+
+    base = LlamaForCausalLM.from_pretrained(str(tiny_model), torch_dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(base, str(out)).eval()
+    names = {n for n, _ in model.named_parameters() if "lora_" in n}
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight" in names
+    with torch.no_grad():
+        peft_logits = model(torch.tensor([PROMPT_IDS])).logits.numpy()
+    mlx_logits = adapted_logits(tiny_model, trained_run)
+    base_logits = np.array(load_model(str(tiny_model)).model(mx.array([PROMPT_IDS])))
+    assert np.abs(mlx_logits - base_logits).max() > 1e-3  # the adapter changes the output
+    # Tolerance: float32 on both sides, different matmul order; measured max difference ~1e-6.
+    np.testing.assert_allclose(peft_logits, mlx_logits, atol=1e-4)
+
+
+def test_peft_export_of_last_layers_names_them(make_config, tiny_model, tmp_path):
+    from mlx_surgical.pipeline import train_run
+
+    config = make_config(iters=2)
+    config.lora.layers = 1
+    run = train_run(config, progress=False, log=lambda _: None).run_dir
+    out = export_adapter(run, "peft", tmp_path / "peft-last")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["layers_to_transform"] == [1]
+
+
+def llama_cpp_row_order(rows: int, heads: int) -> list[int]:
+    """llama.cpp's q/k row order written out index by index: within each head of d rows, new
+    row 2i+j is old row j*d/2+i."""
+    d = rows // heads
+    return [h * d + j * (d // 2) + i for h in range(heads) for i in range(d // 2) for j in range(2)]
+
+
+def test_gguf_export_has_llama_cpp_names_metadata_and_permutation(trained_run, tmp_path):
+    import gguf
+
+    out = export_adapter(trained_run, "gguf", tmp_path / "adapter.gguf")
+    reader = gguf.GGUFReader(str(out))
+    fields = {name: reader.fields[name] for name in reader.fields}
+
+    def value(name):
+        field = fields[name]
+        return field.contents() if hasattr(field, "contents") else field.parts[field.data[0]]
+
+    assert value("general.architecture") == "llama"
+    assert value("general.type") == "adapter"
+    assert value("adapter.type") == "lora"
+    assert float(value("adapter.lora.alpha")) == 16.0
+    tensors = {t.name: np.array(t.data) for t in reader.tensors}
+    adapter = read_adapter(trained_run)
+    shape = adapter.base_shape()
+    assert len(tensors) == 2 * len(adapter.pairs)
+    for pair in adapter.pairs:
+        name = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v"}[pair.projection]
+        a = tensors[f"blk.{pair.layer}.{name}.weight.lora_a"]
+        b = tensors[f"blk.{pair.layer}.{name}.weight.lora_b"]
+        assert a.shape == (8, shape.hidden_size) and b.shape == (pair.b.shape[1], 8)
+        delta = pair.delta(adapter.scale)  # (out, in), Hugging Face row order
+        heads = {"q_proj": shape.num_heads, "k_proj": shape.num_kv_heads}.get(pair.projection)
+        expected = delta[llama_cpp_row_order(delta.shape[0], heads)] if heads else delta
+        np.testing.assert_allclose(adapter.scale * b @ a, expected, atol=1e-6)
+
+
+def test_fused_model_matches_base_plus_adapter(trained_run, tiny_model, tmp_path):
+    from mlx_lm.utils import load
+
+    out = export_adapter(trained_run, "fused", tmp_path / "fused")
+    model, tokenizer = load(str(out))
+    assert tokenizer.encode("def f():") == load_model(str(tiny_model)).tokenizer.encode("def f():")
+    # Tolerance: W + s*B^T A^T is rounded once to float32; measured max difference ~1e-6.
+    np.testing.assert_allclose(np.array(model(mx.array([PROMPT_IDS]))), adapted_logits(tiny_model, trained_run),
+                               atol=1e-4)
+
+
+def test_adapter_refuses_a_base_model_of_another_shape(trained_run, other_tiny_model):
+    with pytest.raises(UserError, match=r"trained on .*tiny-llama .*not on .*other"):
+        load_for_generation(str(other_tiny_model), trained_run)
+
+
+def test_unknown_format_and_missing_adapter_are_refused(trained_run, tmp_path):
+    with pytest.raises(UserError, match="unknown format"):
+        export_adapter(trained_run, "onnx")
+    with pytest.raises(UserError, match="not an adapter directory"):
+        export_adapter(tmp_path, "peft", tmp_path / "x")
