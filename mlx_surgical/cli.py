@@ -47,7 +47,8 @@ def quickstart_cmd(out, model_dir, epochs, no_progress):
 
     result = run_quickstart(out, model_dir, epochs=epochs, progress=not no_progress)
     run = result.run
-    click.echo(f"\ntraining loss {run.first_loss:.3f} -> {run.final_loss:.3f}"
+    click.echo(f"\ntraining loss {run.first_loss:.3f} at the first update -> {result.last_epoch_loss:.3f} "
+               f"over the last epoch ({result.last_epoch_loss / run.first_loss:.0%})"
                + (f", validation loss {run.final_val_loss:.3f}" if run.final_val_loss is not None else ""))
     click.echo(f"\nheld-out prompt:\n  {result.prompt}")
     click.echo(f"\nbase model:\n  {result.base_answer!r}")

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-from .errors import UserError
+from .errors import UserError, parse_user_json, read_user_text
 
 
 def option(default, help: str, **kwargs):
@@ -242,16 +242,7 @@ def value_problems(c: RunConfig, source: str) -> list[str]:
 def parse_json_file(path: str | Path, what: str = "config") -> Any:
     """Read a JSON file, turning every way it can fail into one line naming file, line and column."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: {what} file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read {what}: {e}") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") from None
+    return parse_user_json(read_user_text(path, what), path)
 
 
 def load_config(path: str | Path) -> RunConfig:

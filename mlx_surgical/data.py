@@ -16,7 +16,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, parse_user_json, read_user_text
 
 SAMPLE_SPLITS = ("train", "valid", "test")
 ROLES = ("system", "user", "assistant")
@@ -45,17 +45,9 @@ class Record:
 def read_records(path: str | Path) -> list[Record]:
     """Read a .jsonl (one object a line) or .json (a list of objects) file."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UserError(f"{path}: data file not found; check data.train / data.valid in the config") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: cannot read data file: {e}") from None
+    text = read_user_text(path, "data", "; check data.train / data.valid in the config")
     if path.suffix == ".json":
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") from None
+        rows = parse_user_json(text, path)
         if not isinstance(rows, list):
             raise UserError(f"{path}: a .json data file must hold a list of examples")
         return [Record(row, f"{path}[{i}]") for i, row in enumerate(rows)]

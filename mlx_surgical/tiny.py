@@ -71,30 +71,35 @@ def _check(shape: TinyShape) -> None:
 
 
 def random_weights(shape: TinyShape, seed: int) -> dict[str, np.ndarray]:
-    """Hugging Face Llama tensor names with GPT-2-style N(0, 0.02) weights and unit norms."""
+    """Hugging Face Llama tensor names; projections drawn from N(0, 1/fan_in) (the scale of
+    PyTorch's default Linear init), embeddings from N(0, 1), norms at one. Unlike the
+    N(0, 0.02) of large-model recipes, this keeps a signal's size through a 64-wide random
+    network, so what LoRA changes reaches the output."""
     rng = np.random.default_rng(seed)
     head_dim = shape.hidden_size // shape.heads
     kv_dim = shape.kv_heads * head_dim
 
-    def normal(*dims):
-        return (rng.standard_normal(dims) * 0.02).astype(np.float32)
+    def normal(rows, fan_in, std=None):
+        std = 1 / np.sqrt(fan_in) if std is None else std
+        return (rng.standard_normal((rows, fan_in)) * std).astype(np.float32)
 
-    weights = {"model.embed_tokens.weight": normal(shape.vocab_size, shape.hidden_size)}
-    for i in range(shape.layers):
-        prefix = f"model.layers.{i}"
+    h, i = shape.hidden_size, shape.intermediate_size
+    weights = {"model.embed_tokens.weight": normal(shape.vocab_size, h, std=1.0)}
+    for layer in range(shape.layers):
+        prefix = f"model.layers.{layer}"
         weights |= {
-            f"{prefix}.self_attn.q_proj.weight": normal(shape.hidden_size, shape.hidden_size),
-            f"{prefix}.self_attn.k_proj.weight": normal(kv_dim, shape.hidden_size),
-            f"{prefix}.self_attn.v_proj.weight": normal(kv_dim, shape.hidden_size),
-            f"{prefix}.self_attn.o_proj.weight": normal(shape.hidden_size, shape.hidden_size),
-            f"{prefix}.mlp.gate_proj.weight": normal(shape.intermediate_size, shape.hidden_size),
-            f"{prefix}.mlp.up_proj.weight": normal(shape.intermediate_size, shape.hidden_size),
-            f"{prefix}.mlp.down_proj.weight": normal(shape.hidden_size, shape.intermediate_size),
-            f"{prefix}.input_layernorm.weight": np.ones(shape.hidden_size, np.float32),
-            f"{prefix}.post_attention_layernorm.weight": np.ones(shape.hidden_size, np.float32),
+            f"{prefix}.self_attn.q_proj.weight": normal(h, h),
+            f"{prefix}.self_attn.k_proj.weight": normal(kv_dim, h),
+            f"{prefix}.self_attn.v_proj.weight": normal(kv_dim, h),
+            f"{prefix}.self_attn.o_proj.weight": normal(h, h),
+            f"{prefix}.mlp.gate_proj.weight": normal(i, h),
+            f"{prefix}.mlp.up_proj.weight": normal(i, h),
+            f"{prefix}.mlp.down_proj.weight": normal(h, i),
+            f"{prefix}.input_layernorm.weight": np.ones(h, np.float32),
+            f"{prefix}.post_attention_layernorm.weight": np.ones(h, np.float32),
         }
-    weights["model.norm.weight"] = np.ones(shape.hidden_size, np.float32)
-    weights["lm_head.weight"] = normal(shape.vocab_size, shape.hidden_size)
+    weights["model.norm.weight"] = np.ones(h, np.float32)
+    weights["lm_head.weight"] = normal(shape.vocab_size, h)
     return weights
 
 
@@ -140,6 +145,11 @@ TOKENIZER_CONFIG = {
     "model_max_length": 2048,
     "clean_up_tokenization_spaces": False,
 }
+
+
+# The quickstart's model: deeper and wider than the default so that rank-8 q/k/v adapters
+# have room to learn; about 1M parameters, still seconds per epoch on a CPU.
+QUICKSTART_SHAPE = TinyShape(layers=4, hidden_size=128, intermediate_size=384, heads=4, kv_heads=2)
 
 
 def build_tiny_model(out_dir: str | Path, shape: TinyShape = TinyShape(), seed: int = 0) -> Path:

@@ -131,6 +131,18 @@ def test_run_directory_and_mlx_lm_loads_the_adapter(make_config):
         assert mx.array_equal(ours[k], v)
 
 
+def test_early_stopping_keeps_the_best_adapter(make_config):
+    # A learning rate this high makes validation worse after the first evaluation.
+    result = train_run(make_config(iters=40, eval_every=2, patience=2, learning_rate=0.5), progress=False,
+                       log=lambda _: None)
+    info = json.loads((result.run_dir / "run.json").read_text())
+    assert result.status == "stopped_early" and info["status"] == "stopped_early"
+    assert result.updates < 40
+    best = json.loads((result.run_dir / "best" / "adapter_config.json").read_text())
+    assert best["val_loss"] == pytest.approx(result.best_val_loss)
+    assert result.updates == best["update"] + 2 * 2
+
+
 def _start(config_path: Path, *extra):
     return subprocess.Popen([sys.executable, "-m", "mlx_surgical", "train", *extra, "--no-progress"]
                             + ([str(config_path)] if config_path else []),
