@@ -12,7 +12,7 @@ from typing import Optional
 
 from .checkpoint import METRICS
 from .config import LoraConfig, RunConfig, TrainingConfig
-from .data import PromptFormat, encode_records, split_records
+from .data import PromptFormat, encode_records, padded_length, split_records
 from .errors import UserError
 from .model import ModelShape, is_local, model_shape
 from .surgery import adapted_layer_count
@@ -119,19 +119,23 @@ def activation_bytes(shape: ModelShape, tokens_per_batch: int, seq_len: int, bat
     return int(shape.num_layers * per_layer + logits)
 
 
-def memory_estimate(shape: ModelShape, lora_params: int, training: TrainingConfig, dtype_bytes: int) -> dict:
-    tokens = training.batch_size * training.max_seq_length
+def memory_estimate(shape: ModelShape, lora_params: int, training: TrainingConfig, dtype_bytes: int,
+                    seq_len: Optional[int] = None) -> dict:
+    """Peak training memory; activations for batches of `seq_len` tokens (default: the
+    worst case, max_seq_length)."""
+    seq_len = seq_len or training.max_seq_length
+    tokens = training.batch_size * seq_len
     base = weight_bytes(shape, dtype_bytes)
     lora = 4 * lora_params  # float32
     grads = 2 * 4 * lora_params  # this micro-batch's and the accumulated gradients
     adam = 2 * 4 * lora_params  # first and second moments
-    acts = activation_bytes(shape, tokens, training.max_seq_length, training.batch_size, dtype_bytes, False)
-    acts_ckpt = activation_bytes(shape, tokens, training.max_seq_length, training.batch_size, dtype_bytes, True)
+    acts = activation_bytes(shape, tokens, seq_len, training.batch_size, dtype_bytes, False)
+    acts_ckpt = activation_bytes(shape, tokens, seq_len, training.batch_size, dtype_bytes, True)
     chosen = acts_ckpt if training.grad_checkpoint else acts
     return {
         "base_weights_gb": base / GB, "lora_weights_gb": lora / GB, "gradients_gb": grads / GB,
         "adamw_state_gb": adam / GB, "activations_gb": acts / GB, "activations_checkpointed_gb": acts_ckpt / GB,
-        "grad_checkpoint": training.grad_checkpoint,
+        "grad_checkpoint": training.grad_checkpoint, "sequence_length": seq_len,
         "total_gb": (base + lora + grads + adam + chosen) / GB,
     }
 
@@ -145,8 +149,9 @@ def machine_memory_gb() -> Optional[float]:
         return None
 
 
-def count_examples(config: RunConfig) -> tuple[int, Optional[int], str]:
-    """(examples, tokens or None, how they were counted): tokenized when the tokenizer is local."""
+def count_examples(config: RunConfig) -> tuple[int, Optional[int], Optional[int], str]:
+    """(examples, tokens, longest example, how they were counted): token counts only when the
+    tokenizer is local."""
     records = split_records(config.data, "train")
     if is_local(config.model.path):
         from .model import load_tokenizer
@@ -154,17 +159,20 @@ def count_examples(config: RunConfig) -> tuple[int, Optional[int], str]:
         fmt = PromptFormat(load_tokenizer(config.model.path), config.data.prompt_format, config.data.system_prompt)
         encoded = encode_records(records, fmt, config.training.max_seq_length, config.data.overlength,
                                  config.data.mask_prompt)
-        return len(encoded.samples), encoded.tokens, "tokenized"
-    return len(records), None, "counted (tokenizer not local: lengths unchecked)"
+        longest = max((len(s.ids) for s in encoded.samples), default=None)
+        return len(encoded.samples), encoded.tokens, longest, "tokenized"
+    return len(records), None, None, "counted (tokenizer not local: lengths unchecked)"
 
 
 def plan_run(config: RunConfig, probe: bool = True) -> dict:
     shape, shape_source = resolve_shape(config)
     lora_params = lora_parameter_count(shape, config.lora)
-    examples, tokens, counted = count_examples(config)
+    examples, tokens, longest, counted = count_examples(config)
     schedule = schedule_for(examples, config.training)
     dtype_bytes = 4 if config.model.dtype == "float32" else 2
-    memory = memory_estimate(shape, lora_params, config.training, dtype_bytes)
+    # Padding rounds a batch up to a multiple of 32 tokens (data.PAD_MULTIPLE).
+    seq_len = padded_length(longest, config.training.max_seq_length) if longest else None
+    memory = memory_estimate(shape, lora_params, config.training, dtype_bytes, seq_len)
     memory["machine_gb"] = machine_memory_gb()
     plan = {
         "model": {"path": config.model.path, "shape": shape.describe(), "from": shape_source,
@@ -223,8 +231,8 @@ def format_plan(plan: dict, other: Optional[dict] = None, names: tuple[str, str]
                              f"{p['adapter_size_bytes']['float16'] / 1e6:.1f} MB float16"),
             ("memory: base weights", f"{m['base_weights_gb']:.2f} GB"),
             ("memory: LoRA + grads + AdamW", f"{(m['lora_weights_gb'] + m['gradients_gb'] + m['adamw_state_gb']):.3f} GB"),
-            ("memory: activations", f"{m['activations_gb']:.2f} GB ({m['activations_checkpointed_gb']:.2f} GB "
-                                    "with grad_checkpoint)"),
+            ("memory: activations", f"{m['activations_gb']:.2f} GB at {m['sequence_length']} tokens "
+                                    f"({m['activations_checkpointed_gb']:.2f} GB with grad_checkpoint)"),
             ("memory: total", f"{m['total_gb']:.2f} GB of {machine}"),
             ("examples", f"{s['examples']} ({s['examples_counted']})"),
             ("schedule", f"{s['epochs']:g} epochs x {s['micro_batches_per_epoch']} micro-batches = "

@@ -96,3 +96,18 @@ def test_json_list_files_are_read(tmp_path):
     path = tmp_path / "d.json"
     path.write_text(json.dumps([{"text": "hello"}]))
     assert read_records(path)[0].origin == f"{path}[0]"
+
+
+def test_the_chat_template_is_used_when_the_tokenizer_has_one(tiny_model):
+    tokenizer = load_tokenizer(str(tiny_model))
+    tokenizer._tokenizer.chat_template = (
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    fmt = PromptFormat(tokenizer)
+    assert fmt.style == "chat_template"
+    messages = [{"role": "user", "content": "Write add"}, {"role": "assistant", "content": "def add(a, b): ..."}]
+    ids, start = fmt.example_ids(messages, True)
+    assert tokenizer.decode(ids[:start]) == "<|user|>Write add\n<|assistant|>"
+    assert tokenizer.decode(ids[start:]).startswith("def add(a, b): ...")
+    assert ids[-1] == tokenizer.eos_token_id
+    assert PromptFormat(tokenizer, "llama2").style == "llama2"

@@ -103,6 +103,34 @@ def test_gguf_export_has_llama_cpp_names_metadata_and_permutation(trained_run, t
         np.testing.assert_allclose(adapter.scale * b @ a, expected, atol=1e-6)
 
 
+def test_llama_cpp_applies_the_gguf_adapter_like_mlx(trained_run, tiny_model, tmp_path):
+    """The real consumer: llama.cpp (through llama-cpp-python) loads the base model and our
+    adapter. Skipped where llama-cpp-python is not installed: it compiles from source for
+    about 20 minutes, too long for every CI run."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from mlx.utils import tree_flatten
+    from mlx_lm.gguf import convert_to_gguf
+
+    base = load_model(str(tiny_model))
+    base_gguf = str(tmp_path / "base.gguf")
+    convert_to_gguf(tiny_model, dict(tree_flatten(base.model.parameters())),
+                    json.loads((tiny_model / "config.json").read_text()), base_gguf)
+    adapter_gguf = export_adapter(trained_run, "gguf", tmp_path / "adapter.gguf")
+
+    def llama_cpp_logits(**kwargs):
+        llm = llama_cpp.Llama(model_path=base_gguf, n_ctx=64, logits_all=True, verbose=False, **kwargs)
+        llm.eval(PROMPT_IDS)
+        return np.array(llm.scores[:len(PROMPT_IDS)])
+
+    mlx_base = np.array(base.model(mx.array([PROMPT_IDS])))[0]
+    mlx_adapted = adapted_logits(tiny_model, trained_run)[0]
+    plain, with_adapter = llama_cpp_logits(), llama_cpp_logits(lora_path=str(adapter_gguf))
+    # Tolerance: llama.cpp's CPU kernels in float32 against MLX's; measured max difference ~1e-4.
+    np.testing.assert_allclose(plain, mlx_base, atol=2e-3)
+    np.testing.assert_allclose(with_adapter, mlx_adapted, atol=2e-3)
+    assert np.abs(with_adapter - plain).max() > 1e-2
+
+
 def test_fused_model_matches_base_plus_adapter(trained_run, tiny_model, tmp_path):
     from mlx_lm.utils import load
 
