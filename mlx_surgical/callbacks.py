@@ -3,7 +3,7 @@ adapter. The loop knows none of them; the pipeline picks which to pass."""
 
 import json
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 from .checkpoint import (BEST_DIR, METRICS, TrainState, save_checkpoint, write_adapter)
 from .surgery import adapter_weights
@@ -64,19 +64,15 @@ class Checkpointer:
     keeps the adapter at the top of the run directory current (so mlx-lm can load the latest
     at any time), and the best adapter by validation loss in best/."""
 
-    def __init__(self, run_dir: Path, model, optimizer, adapter_config: dict, save_every: int, keep: int,
-                 on_saved: Optional[Callable[[Path], None]] = None):
+    def __init__(self, run_dir: Path, model, optimizer, adapter_config: dict, save_every: int, keep: int):
         self.run_dir = Path(run_dir)
         self.model, self.optimizer = model, optimizer
         self.adapter_config = adapter_config
         self.save_every, self.keep = save_every, keep
-        self.on_saved = on_saved
 
     def save(self, state: TrainState) -> Path:
         path = save_checkpoint(self.run_dir, self.model, self.optimizer, state, self.adapter_config, self.keep)
         write_adapter(self.run_dir, adapter_weights(self.model), self.adapter_config)
-        if self.on_saved:
-            self.on_saved(path)
         return path
 
     def on_update(self, report: dict, state: TrainState) -> None:

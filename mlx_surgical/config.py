@@ -296,11 +296,6 @@ def save_config(config: RunConfig, path: str | Path) -> None:
     Path(path).write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
 
 
-def defaults() -> RunConfig:
-    """The default config; model.path and the data still have to be given."""
-    return RunConfig()
-
-
 def help_lines() -> list[str]:
     """Every setting with its default and help text, for `mlx-surgical config-help`."""
     lines = []

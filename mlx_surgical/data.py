@@ -12,7 +12,7 @@ import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Optional
 
 import numpy as np
 
@@ -296,10 +296,6 @@ class BatchStream:
 
     def batch(self, position: int):
         return collate([self.samples[i] for i in self.indices(position)], self.max_seq_length)
-
-    def iterate(self, start: int, stop: int) -> Iterable:
-        for position in range(start, stop):
-            yield position, self.batch(position)
 
 
 def eval_batches(samples: list[Sample], batch_size: int, max_seq_length: int):

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 from . import __version__
 from .checkpoint import (LOSS_PLOT, METRICS, RUN_CONFIG, RUN_INFO, TrainState, latest_checkpoint,
-                         load_checkpoint, write_adapter, write_json_atomic)
+                         load_checkpoint, write_adapter, write_json_atomic, write_text_atomic)
 from .config import RunConfig, config_from_dict, save_config
 from .data import BatchStream, EncodedData, PromptFormat, encode_records, eval_batches, split_records
 from .errors import UserError
@@ -61,12 +61,12 @@ def data_hash(config: RunConfig) -> str:
 
 
 def new_run_dir(config: RunConfig, config_name: str) -> Path:
+    """The directory a new run will write; refused if another run already wrote there."""
     name = config.output.name or f"{config_name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(config.output.dir) / name
     if run_dir.exists() and any(run_dir.iterdir()):
         raise UserError(f"output.name: run directory {run_dir} already exists; resume it with "
                         f"`mlx-surgical train --resume {run_dir}` or choose another output.name")
-    run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
 
@@ -106,8 +106,6 @@ def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[
               stop_flag: Optional[StopFlag] = None) -> RunResult:
     """Train (or resume) one run and write its directory. Raises UserError for bad input,
     TrainingDiverged for a NaN loss and TrainingInterrupted after a checkpointed stop."""
-    import mlx.core as mx
-
     from .callbacks import Checkpointer, ConsoleProgress, MetricsFile, plot_losses
     from .train import (LoopSettings, TrainingDiverged, TrainingInterrupted, evaluate, learning_rate_schedule,
                         make_optimizer, masked_cross_entropy, train)
@@ -147,6 +145,7 @@ def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[
         _truncate_metrics(run_dir / METRICS, state.update)
         log(f"resuming {run_dir} from update {state.update} of {schedule.updates}")
     else:
+        run_dir.mkdir(parents=True, exist_ok=True)  # only now: bad input above leaves nothing behind
         save_config(config, run_dir / RUN_CONFIG)
         write_adapter(run_dir, adapter_weights(loaded.model), adapter_cfg)
 
@@ -168,11 +167,9 @@ def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[
         f"{schedule.updates} optimizer updates ({schedule.epochs:g} epochs x {schedule.micro_batches_per_epoch} "
         f"micro-batches / {t.grad_accumulation_steps} accumulation steps)")
 
-    eval_fn = None
-    if valid_data.samples:
-        def eval_fn():
-            return evaluate(loaded.model, masked_cross_entropy,
-                            eval_batches(valid_data.samples, t.batch_size, t.max_seq_length))
+    def validation_loss():
+        return evaluate(loaded.model, masked_cross_entropy,
+                        eval_batches(valid_data.samples, t.batch_size, t.max_seq_length))
 
     console = ConsoleProgress(enabled=progress)
     checkpointer = Checkpointer(run_dir, loaded.model, optimizer, adapter_cfg, t.save_every, t.keep_checkpoints)
@@ -182,7 +179,8 @@ def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[
 
     status = "failed"
     try:
-        result = train(loaded.model, optimizer, masked_cross_entropy, stream.batch, settings, state, eval_fn,
+        result = train(loaded.model, optimizer, masked_cross_entropy, stream.batch, settings, state,
+                       validation_loss if valid_data.samples else None,
                        callbacks=(console, MetricsFile(run_dir), checkpointer, *callbacks), should_stop=stop_flag)
         status = "stopped_early" if result.stopped_early else "succeeded"
     except TrainingInterrupted:
@@ -220,8 +218,6 @@ def _read_metrics(path: Path) -> list[dict]:
 
 def _truncate_metrics(path: Path, update: int) -> None:
     """Drop rows written after the checkpoint we resume from; they will be written again."""
-    from .checkpoint import write_text_atomic
-
     rows = [r for r in _read_metrics(path) if r["update"] <= update]
     write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 

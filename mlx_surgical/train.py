@@ -11,7 +11,7 @@ by the total token count. So batch 1 x 4 steps gives the same update as batch 4.
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Optional, Protocol
 
@@ -91,7 +91,6 @@ class LoopResult:
     state: TrainState
     stopped_early: bool
     final_val_loss: Optional[float]
-    history: list = field(default_factory=list)
 
 
 def _emit(callbacks, hook: str, *args):
@@ -143,7 +142,6 @@ def train(model, optimizer, loss_fn: Callable, batch_at: Callable[[int], Batch],
         optimizer.update(model, tree_map(lambda g: g / ntoks, grads))
 
     model.train()
-    history = []
     final_val = None
     stopped_early = False
     _emit(callbacks, "on_start", {"total_updates": settings.total_updates, "update": state.update})
@@ -177,7 +175,6 @@ def train(model, optimizer, loss_fn: Callable, batch_at: Callable[[int], Batch],
         report = {"update": state.update, "total_updates": settings.total_updates, "loss": loss,
                   "learning_rate": optimizer.learning_rate.item(), "tokens_per_second": tokens * ranks / seconds,
                   "tokens": state.tokens, "seconds": seconds, "peak_memory_gb": mx.get_peak_memory() / 1e9}
-        history.append(report)
         _emit(callbacks, "on_update", report, state)
 
         last = state.update == settings.total_updates
@@ -197,4 +194,4 @@ def train(model, optimizer, loss_fn: Callable, batch_at: Callable[[int], Batch],
         if not last and should_stop():
             _emit(callbacks, "on_stop", "interrupted", state)
             raise TrainingInterrupted(f"stopped at update {state.update} of {settings.total_updates}")
-    return LoopResult(state, stopped_early, final_val, history)
+    return LoopResult(state, stopped_early, final_val)
