@@ -40,13 +40,12 @@ class Schedule:
         return asdict(self)
 
 
-def schedule_for(examples: int, training: TrainingConfig, ranks: int = 1) -> Schedule:
-    """Epochs (or iters) as a number of optimizer updates. Each epoch is ceil(examples / global
-    batch) micro-batches and every update takes grad_accumulation_steps of them; when the
+def schedule_for(examples: int, training: TrainingConfig) -> Schedule:
+    """Epochs (or iters) as a number of optimizer updates. Each epoch is ceil(examples / batch
+    size) micro-batches and every update takes grad_accumulation_steps of them; when the
     epochs do not divide evenly, the last update completes its window from the next epoch's
     order."""
-    global_batch = training.batch_size * ranks
-    per_epoch = -(-examples // global_batch)
+    per_epoch = -(-examples // training.batch_size)
     if training.iters is not None:
         updates = training.iters
         micro = updates * training.grad_accumulation_steps

@@ -1,7 +1,7 @@
 """The training loop: compiled gradient step, gradient accumulation, schedule, evaluation.
 
 `train` receives everything that varies as arguments (the loss, the batches, the
-callbacks), so resume, QLoRA and distributed runs use this one loop. Progress reaches the
+callbacks), so fresh, resumed and QLoRA runs use this one loop. Progress reaches the
 console, the metrics file and the server only through callbacks.
 
 Accumulation is exact: the loss function returns a token-summed loss and its token
@@ -77,7 +77,6 @@ class LoopSettings:
     eval_every: int
     patience: int = 0
     seed: int = 0
-    world: Optional[object] = None  # mx.distributed group; None for one process
 
 
 def dropout_seed(seed: int, position: int) -> int:
@@ -100,7 +99,7 @@ def _emit(callbacks, hook: str, *args):
             fn(*args)
 
 
-def evaluate(model, loss_fn, batches, world=None) -> Optional[float]:
+def evaluate(model, loss_fn, batches) -> Optional[float]:
     """Token-weighted mean loss over all batches (with dropout off)."""
     model.eval()
     total, count = mx.array(0.0), mx.array(0.0)
@@ -109,8 +108,6 @@ def evaluate(model, loss_fn, batches, world=None) -> Optional[float]:
         total, count = total + loss_sum, count + ntoks
         mx.eval(total, count)
     model.train()
-    if world is not None and world.size() > 1:
-        total, count = mx.distributed.all_sum(total, stream=mx.cpu), mx.distributed.all_sum(count, stream=mx.cpu)
     return (total / count).item() if count.item() > 0 else None
 
 
@@ -125,8 +122,6 @@ def train(model, optimizer, loss_fn: Callable, batch_at: Callable[[int], Batch],
     update boundary, where a checkpoint resumes exactly, and TrainingInterrupted is raised.
     """
     accum = settings.grad_accumulation_steps
-    world = settings.world
-    ranks = world.size() if world is not None else 1
     value_and_grad = nn.value_and_grad(model, loss_fn)
     compiled_state = [model.state, optimizer.state, mx.random.state]
 
@@ -137,8 +132,6 @@ def train(model, optimizer, loss_fn: Callable, batch_at: Callable[[int], Batch],
 
     @partial(mx.compile, inputs=compiled_state, outputs=compiled_state)
     def apply_update(grads, ntoks):
-        if ranks > 1:
-            grads = tree_map(lambda g: mx.distributed.all_sum(g), grads)
         optimizer.update(model, tree_map(lambda g: g / ntoks, grads))
 
     model.train()
@@ -156,9 +149,6 @@ def train(model, optimizer, loss_fn: Callable, batch_at: Callable[[int], Batch],
             loss_total, tok_total = loss_total + loss_sum, tok_total + ntoks
             tokens += batch.tokens
             mx.eval(grads, loss_total, tok_total)
-        if ranks > 1:
-            loss_total = mx.distributed.all_sum(loss_total, stream=mx.cpu)
-            tok_total = mx.distributed.all_sum(tok_total, stream=mx.cpu)
         loss = (loss_total / mx.maximum(tok_total, 1)).item()
         if not math.isfinite(loss):
             raise TrainingDiverged(
@@ -170,10 +160,10 @@ def train(model, optimizer, loss_fn: Callable, batch_at: Callable[[int], Batch],
         seconds = time.perf_counter() - tic
         state.update += 1
         state.position += accum
-        state.tokens += tokens * ranks
+        state.tokens += tokens
         state.train_seconds += seconds
         report = {"update": state.update, "total_updates": settings.total_updates, "loss": loss,
-                  "learning_rate": optimizer.learning_rate.item(), "tokens_per_second": tokens * ranks / seconds,
+                  "learning_rate": optimizer.learning_rate.item(), "tokens_per_second": tokens / seconds,
                   "tokens": state.tokens, "seconds": seconds, "peak_memory_gb": mx.get_peak_memory() / 1e9}
         _emit(callbacks, "on_update", report, state)
 
