@@ -134,7 +134,8 @@ def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[
     optimizer = make_optimizer(lr, t.weight_decay)
     optimizer.init(loaded.model.trainable_parameters())
     adapter_cfg = adapter_config(config.lora, loaded.shape, config.model.path,
-                                 prompt={"format": fmt.style, "system_prompt": config.data.system_prompt})
+                                 prompt={"format": fmt.style, "system_prompt": config.data.system_prompt},
+                                 resolved_path=str(loaded.path.resolve()))
 
     state = TrainState()
     if resume_dir:

@@ -40,7 +40,8 @@ def lora_parameters(lora: LoraConfig) -> dict:
     }
 
 
-def adapter_config(lora: LoraConfig, shape: ModelShape, base_model: str, prompt: Optional[dict] = None) -> dict:
+def adapter_config(lora: LoraConfig, shape: ModelShape, base_model: str, prompt: Optional[dict] = None,
+                   resolved_path: Optional[str] = None) -> dict:
     """mlx-lm's adapter_config.json, plus the fields other consumers need (alpha for Ollama
     and PEFT, the base model's fingerprint, and the prompt format to generate with)."""
     return {
@@ -50,7 +51,8 @@ def adapter_config(lora: LoraConfig, shape: ModelShape, base_model: str, prompt:
         # mlx-lm reads only the fields above; Ollama and PEFT think in alpha, not scale.
         "lora_alpha": lora.alpha,
         "target_modules": list(lora.target_modules),
-        "base_model": {"path": base_model, "fingerprint": shape.fingerprint(), "shape": shape.describe(),
+        "base_model": {"path": base_model, "resolved_path": resolved_path or base_model,
+                       "fingerprint": shape.fingerprint(), "shape": shape.describe(),
                        "num_layers": shape.num_layers, "config": asdict(shape)},
         "prompt": prompt or {"format": "auto", "system_prompt": None},
     }

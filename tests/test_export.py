@@ -55,7 +55,7 @@ def test_peft_export_loads_in_real_peft_with_the_same_logits(trained_run, tiny_m
     mlx_logits = adapted_logits(tiny_model, trained_run)
     base_logits = np.array(load_model(str(tiny_model)).model(mx.array([PROMPT_IDS])))
     assert np.abs(mlx_logits - base_logits).max() > 1e-3  # the adapter changes the output
-    # Tolerance: float32 on both sides, different matmul order; measured max difference ~1e-6.
+    # Tolerance: float32 on both sides, different matmul order; measured max difference ~3e-6.
     np.testing.assert_allclose(peft_logits, mlx_logits, atol=1e-4)
 
 
@@ -165,7 +165,7 @@ def test_fused_model_matches_base_plus_adapter(trained_run, tiny_model, tmp_path
     out = export_adapter(trained_run, "fused", tmp_path / "fused")
     model, tokenizer = load(str(out))
     assert tokenizer.encode("def f():") == load_model(str(tiny_model)).tokenizer.encode("def f():")
-    # Tolerance: W + s*B^T A^T is rounded once to float32; measured max difference ~1e-6.
+    # Tolerance: W + s*B^T A^T is rounded once to float32; measured max difference ~4e-6.
     np.testing.assert_allclose(np.array(model(mx.array([PROMPT_IDS]))), adapted_logits(tiny_model, trained_run),
                                atol=1e-4)
 

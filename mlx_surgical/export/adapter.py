@@ -67,6 +67,14 @@ class Adapter:
     def base_model(self) -> str:
         return self.config.get("base_model", {}).get("path", "")
 
+    @property
+    def local_base_model(self) -> str:
+        """Where the base was on disk when training ran (a relative path in the config is
+        relative to wherever training was started), else the recorded path or repo id."""
+        recorded = self.config.get("base_model", {})
+        resolved = recorded.get("resolved_path")
+        return resolved if resolved and Path(resolved).exists() else self.base_model
+
     def base_shape(self) -> ModelShape:
         """The base model's shape as recorded at training time, else read from the base model."""
         recorded = self.config.get("base_model", {}).get("config")
@@ -74,7 +82,7 @@ class Adapter:
             return ModelShape(**recorded)
         from ..model import model_shape
 
-        return model_shape(self.base_model)
+        return model_shape(self.local_base_model)
 
 
 def read_adapter(directory: str | Path) -> Adapter:

@@ -17,7 +17,7 @@ def write(adapter: Adapter, out: Path, base_model: Optional[str] = None, dequant
     from ..model import load_model
     from ..surgery import apply_adapter, fuse_lora
 
-    base = base_model or adapter.base_model
+    base = base_model or adapter.local_base_model
     if not base:
         raise UserError(f"{adapter.directory}: the adapter does not name its base model; pass --base-model")
     loaded = load_model(base)
