@@ -11,6 +11,7 @@ import click
 
 from . import __version__
 from .errors import UserError
+from .export import FORMATS
 
 
 def user_errors(fn):
@@ -210,7 +211,7 @@ def convert_cmd(source, out, bits, group_size, dtype, revision, force):
 
 @cli.command("export")
 @click.argument("adapter_dir", type=click.Path(file_okay=False))
-@click.option("--format", "fmt", type=click.Choice(["mlx", "peft", "gguf", "fused"]), required=True)
+@click.option("--format", "fmt", type=click.Choice(FORMATS), required=True)
 @click.option("--out", default=None, help="Output path (default: inside the run directory).")
 @click.option("--base-model", default=None, help="fused: base model to merge into (default: the one trained on).")
 @click.option("--dequantize", is_flag=True, help="fused: write float weights even from a quantized base.")

@@ -170,10 +170,12 @@ def config_from_dict(raw: Any, source: str = "config") -> RunConfig:
         raise UserError(f"{source}: the config must be a JSON object with sections {', '.join(SECTIONS)}")
     problems = []
     sections = {}
+    description = raw.get("description", "")
+    if not isinstance(description, str):
+        problems.append(f"{source}: description: expected a string")
+        description = ""
     for key, value in raw.items():
         if key == "description":
-            if not isinstance(value, str):
-                problems.append(f"{source}: description: expected a string")
             continue
         if key not in SECTIONS:
             problems.append(_unknown_key(f"{source}: ", key, ["description", *SECTIONS]))
@@ -191,8 +193,7 @@ def config_from_dict(raw: Any, source: str = "config") -> RunConfig:
             else:
                 kwargs[name] = float(setting) if hints[name] is float else setting
         sections[key] = SECTIONS[key](**kwargs)
-    config = RunConfig(description=raw.get("description", "") if isinstance(raw.get("description"), str) else "",
-                       **sections)
+    config = RunConfig(description=description, **sections)
     problems += value_problems(config, source)
     if problems:
         raise UserError(*problems)

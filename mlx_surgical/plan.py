@@ -6,7 +6,7 @@ except for the optional time probe. Training uses `schedule_for` and the trainab
 is checked against what surgery attaches, so the plan's numbers are the run's numbers.
 """
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 import json
 from typing import Optional
 
@@ -81,8 +81,6 @@ def resolve_shape(config: RunConfig, bits: Optional[int] = None) -> tuple[ModelS
         if shape is None:
             raise UserError(f"model.path: {config.model.path} is not available locally and is not a known "
                             f"shape ({', '.join(KNOWN_SHAPES)}); download or convert it first") from None
-        from dataclasses import replace
-
         quant_bits = bits if bits is not None else (4 if "4bit" in config.model.path.lower() else None)
         return replace(shape, quant_bits=quant_bits, quant_group_size=64 if quant_bits else None), "built-in table"
 
