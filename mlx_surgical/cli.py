@@ -297,6 +297,25 @@ def adapters_rm(root, name, yes):
     click.echo(f"deleted {path}")
 
 
+@cli.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=5001, show_default=True)
+@click.option("--token", default=None, envvar="MLX_SURGICAL_TOKEN",
+              help="Require 'Authorization: Bearer TOKEN' on every route but /api/health.")
+@click.option("--workspace", default=".", show_default=True, type=click.Path(file_okay=False),
+              help="Holds jobs/ and adapters/; data files in requests must be inside it.")
+@click.option("--allow-remote", is_flag=True, help="Bind beyond loopback without a token.")
+@click.option("--max-body-mb", type=float, default=20, show_default=True, help="Largest request body.")
+@user_errors
+def serve_cmd(host, port, token, workspace, allow_remote, max_body_mb):
+    """Local REST server: start, watch, stop and resume training over HTTP."""
+    try:
+        from .server import serve
+    except ImportError as e:
+        raise UserError(f"serve needs the server extra ({e.name} is missing): pip install 'mlx-surgical[server]'")
+    serve(host, port, Path(workspace), token, allow_remote, int(max_body_mb * 1024 * 1024))
+
+
 @cli.command("doctor")
 @user_errors
 def doctor_cmd():

@@ -19,6 +19,10 @@ class UserError(Exception):
         super().__init__("\n".join(self.problems))
 
 
+class NotFound(UserError):
+    """The named job, run or adapter does not exist (HTTP 404)."""
+
+
 def read_user_text(path: Path, what: str, hint: str = "") -> str:
     try:
         return path.read_text(encoding="utf-8")

@@ -78,13 +78,15 @@ def encode_split(config: RunConfig, fmt: PromptFormat, split: str) -> EncodedDat
 
 class StopFlag:
     """Set by SIGINT/SIGTERM (or a caller) and polled by the loop after each update, so a stop
-    always lands on a clean update boundary. A second Ctrl-C stops at once."""
+    always lands on a clean update boundary. A second Ctrl-C stops at once. `also` is a further
+    reason to stop, polled with the flag."""
 
-    def __init__(self):
+    def __init__(self, also: Optional[Callable[[], bool]] = None):
         self.requested = False
+        self.also = also
 
     def __call__(self) -> bool:
-        return self.requested
+        return self.requested or (self.also is not None and self.also())
 
     def install(self):
         if threading.current_thread() is not threading.main_thread():

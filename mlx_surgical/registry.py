@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from .checkpoint import BEST_DIR, RUN_INFO
-from .errors import UserError
+from .errors import NotFound, UserError
 from .surgery import ADAPTER_CONFIG, ADAPTER_FILE
 
 CHECKSUMMED = (ADAPTER_FILE, ADAPTER_CONFIG, f"{BEST_DIR}/{ADAPTER_FILE}", f"{BEST_DIR}/{ADAPTER_CONFIG}")
@@ -89,7 +89,7 @@ def find(root: str | Path, name: str) -> Path:
         if candidate.is_dir() and is_adapter_dir(candidate):
             return candidate
     known = ", ".join(e.name for e in list_adapters(root)) or "none"
-    raise UserError(f"adapter '{name}' not found in {root} (known: {known})")
+    raise NotFound(f"adapter '{name}' not found in {root} (known: {known})")
 
 
 def show(root: str | Path, name: str) -> dict:

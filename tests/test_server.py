@@ -1,0 +1,250 @@
+"""The REST server for real: uvicorn on a free loopback port, a real HTTP client, real jobs."""
+
+import io
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+
+EXAMPLES = [{"instruction": f"Write function number {i}", "response": f"def f{i}(x):\n    return x + {i}"}
+            for i in range(6)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, workspace: Path, *args):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen([sys.executable, "-m", "mlx_surgical", "serve", "--port", str(self.port),
+                                         "--workspace", str(workspace), *args],
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{self.url}/api/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                time.sleep(0.2)
+        self.process.kill()
+        raise RuntimeError(f"server did not start: {self.process.stdout.read()}")
+
+    def client(self, **kwargs) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=30, **kwargs)
+
+    def close(self, sig=signal.SIGTERM):
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(timeout=30)
+
+
+@pytest.fixture
+def start_server(tmp_path):
+    servers = []
+
+    def start(*args, workspace=None):
+        servers.append(Server(workspace or tmp_path / "workspace", *args))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def job_config(tiny_model, name: str, iters: int = 4, **training) -> dict:
+    return {"model": {"path": str(tiny_model)}, "lora": {"dropout": 0.0},
+            "data": {"examples": EXAMPLES, "valid_examples": EXAMPLES[:2]},
+            "training": {"iters": iters, "learning_rate": 1e-2, "warmup_steps": 1, "grad_accumulation_steps": 1,
+                         "save_every": 2, "eval_every": 2, **training},
+            "output": {"name": name}}
+
+
+def wait_for(client, job_id: str, condition, timeout: float = 180) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = client.get(f"/api/training/jobs/{job_id}").json()
+        if condition(job):
+            return job
+        time.sleep(0.1)
+    pytest.fail(f"job {job_id} never reached the expected state: {job}")
+
+
+def test_a_job_posted_as_a_file_is_followed_to_success_and_downloaded(start_server, tiny_model, tmp_path):
+    server = start_server()
+    config_file = tmp_path / "surgical_training_config_full.json"
+    config_file.write_text(json.dumps(job_config(tiny_model, "first", iters=4)))
+    with server.client() as client:
+        health = client.get("/api/health").json()
+        assert health["status"] == "idle" and health["backend"] and health["version"]
+        assert "/api/training/start" in client.get("/openapi.json").json()["paths"]
+        assert client.get("/docs").status_code == 200
+        started = client.post("/api/training/start", content=config_file.read_bytes(),
+                              headers={"Content-Type": "application/json"})
+        assert started.status_code == 202, started.text
+        job_id = started.json()["id"]
+
+        events, final = [], None
+        with client.stream("GET", f"/api/training/jobs/{job_id}/events") as stream:
+            kind = "message"
+            for line in stream.iter_lines():
+                if line.startswith("event: "):
+                    kind = line[len("event: "):]
+                elif line.startswith("data: "):
+                    payload = json.loads(line[len("data: "):])
+                    if kind == "state":
+                        final = payload
+                    else:
+                        events.append(payload)
+        assert final["state"] == "succeeded", final
+        assert [e["update"] for e in events if e["type"] == "progress"] == [1, 2, 3, 4]
+        assert any(e["type"] == "validation" for e in events) and events[-1] == {"type": "end", "state": "succeeded",
+                                                                                 "error": None}
+        assert final["update"] == final["total_updates"] == 4 and final["loss"] is not None
+
+        metrics = client.get(f"/api/training/jobs/{job_id}/metrics").json()
+        assert [m["update"] for m in metrics if "loss" in m] == [1, 2, 3, 4]
+        assert [a["name"] for a in client.get("/api/adapters").json()] == ["first"]
+        assert client.get("/api/adapters/first").json()["adapter_config"]["lora_parameters"]["rank"] == 8
+        for fmt, expected in (("mlx", "adapters.safetensors"), ("peft", "adapter_model.safetensors"),
+                              ("gguf", "first-gguf")):
+            download = client.get("/api/adapters/first/export", params={"format": fmt})
+            assert download.status_code == 200 and download.headers["content-type"] == "application/zip"
+            names = zipfile.ZipFile(io.BytesIO(download.content)).namelist()
+            assert any(n.endswith(expected) for n in names), names
+
+
+def test_queue_stop_and_exact_resume(start_server, tiny_model):
+    server = start_server()
+    with server.client() as client:
+        long_id = client.post("/api/training/start", json=job_config(tiny_model, "long", iters=120)).json()["id"]
+        short_id = client.post("/api/training/start", json=job_config(tiny_model, "short", iters=2)).json()["id"]
+        wait_for(client, long_id, lambda j: j["state"] == "running" and j["update"] >= 3)
+        assert client.get(f"/api/training/jobs/{short_id}").json()["state"] == "queued"
+        assert client.get("/api/health").json()["status"] == "busy"
+
+        assert client.post(f"/api/training/jobs/{long_id}/stop").status_code == 200
+        stopped = wait_for(client, long_id, lambda j: j["state"] not in ("running", "queued"))
+        assert stopped["state"] == "cancelled" and stopped["update"] < 120
+        wait_for(client, short_id, lambda j: j["state"] == "succeeded")  # the queue moves on, in order
+
+        resumed = client.post(f"/api/training/jobs/{long_id}/resume")
+        assert resumed.status_code == 202 and resumed.json()["state"] == "queued"
+        done = wait_for(client, long_id, lambda j: j["state"] in ("succeeded", "failed"))
+        assert done["state"] == "succeeded" and done["update"] == 120, done
+        updates = [m["update"] for m in client.get(f"/api/training/jobs/{long_id}/metrics").json() if "loss" in m]
+        assert updates == list(range(1, 121))
+        again = client.post(f"/api/training/jobs/{long_id}/resume")
+        assert again.status_code == 422 and "succeeded" in again.json()["problems"][0]
+
+
+def test_bad_requests_are_refused_with_every_problem(start_server, tiny_model, tmp_path):
+    from click.testing import CliRunner
+
+    from mlx_surgical.cli import cli
+
+    server = start_server("--max-body-mb", "1")
+    bad = job_config(tiny_model, "bad")
+    bad["training"]["lerning_rate"] = 1
+    bad["lora"]["rank"] = 0
+    with server.client() as client:
+        refused = client.post("/api/training/start", json=bad)
+        assert refused.status_code == 422
+        problems = refused.json()["problems"]
+        assert len(problems) == 2
+        config_file = tmp_path / "bad.json"
+        config_file.write_text(json.dumps(bad))
+        cli_lines = CliRunner().invoke(cli, ["validate", str(config_file)]).output
+        for p in problems:  # the same words as `mlx-surgical validate`
+            assert p.split(": ", 1)[1] in cli_lines
+
+        escape = job_config(tiny_model, "escape")
+        escape["data"] = {"train": "../../etc/passwd.jsonl"}
+        refused = client.post("/api/training/start", json=escape)
+        assert refused.status_code == 422 and "outside the workspace" in refused.json()["problems"][0]
+        elsewhere = job_config(tiny_model, "elsewhere")
+        elsewhere["output"]["dir"] = "/tmp"
+        assert client.post("/api/training/start", json=elsewhere).status_code == 422
+        sneaky = job_config(tiny_model, "../other")
+        assert client.post("/api/training/start", json=sneaky).status_code == 422
+
+        huge = client.post("/api/training/start", content=b"{" + b" " * (2 * 1024 * 1024) + b"}",
+                           headers={"Content-Type": "application/json"})
+        assert huge.status_code == 413
+        assert client.post("/api/training/start", content=b"{not json").status_code == 422
+        assert client.get("/api/training/jobs/0123456789ab").status_code == 404
+        assert client.get("/api/adapters/nothing").status_code == 404
+
+        first = client.post("/api/training/start", json=job_config(tiny_model, "taken", iters=2))
+        assert first.status_code == 202
+        clash = client.post("/api/training/start", json=job_config(tiny_model, "taken", iters=2))
+        assert clash.status_code == 422 and "already exists" in clash.json()["problems"][0]
+        wait_for(client, first.json()["id"], lambda j: j["state"] == "succeeded")
+
+
+def test_token_and_bind_safety(start_server, tmp_path):
+    server = start_server("--token", "s3cret")
+    with server.client() as client:
+        assert client.get("/api/health").status_code == 200
+        assert client.get("/api/training/jobs").status_code == 401
+        assert client.get("/api/training/jobs", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert client.get("/api/training/jobs", headers={"Authorization": "Bearer s3cret"}).json() == []
+    refused = subprocess.run([sys.executable, "-m", "mlx_surgical", "serve", "--host", "0.0.0.0", "--port",
+                              str(free_port()), "--workspace", str(tmp_path)], capture_output=True, text=True,
+                             timeout=60)
+    assert refused.returncode == 2 and "--token" in refused.stderr
+
+
+def test_jobs_survive_a_server_restart_and_an_interrupted_job_resumes(start_server, tiny_model, tmp_path):
+    workspace = tmp_path / "workspace"
+    server = start_server(workspace=workspace)
+    with server.client() as client:
+        done_id = client.post("/api/training/start", json=job_config(tiny_model, "done", iters=2)).json()["id"]
+        wait_for(client, done_id, lambda j: j["state"] == "succeeded")
+        cut_id = client.post("/api/training/start", json=job_config(tiny_model, "cut", iters=120)).json()["id"]
+        wait_for(client, cut_id, lambda j: j["state"] == "running" and j["update"] >= 3)
+    server.close(signal.SIGKILL)
+    job_file = workspace / "jobs" / cut_id / "job.json"
+    deadline = time.time() + 60  # the orphaned worker notices, checkpoints and stops
+    while json.loads(job_file.read_text())["state"] == "running" and time.time() < deadline:
+        time.sleep(0.1)
+
+    restarted = start_server(workspace=workspace)
+    with restarted.client() as client:
+        states = {j["id"]: j["state"] for j in client.get("/api/training/jobs").json()}
+        assert states == {done_id: "succeeded", cut_id: "interrupted"}
+        assert client.post(f"/api/training/jobs/{cut_id}/resume").status_code == 202
+        done = wait_for(client, cut_id, lambda j: j["state"] in ("succeeded", "failed"))
+        assert done["state"] == "succeeded" and done["update"] == 120
+
+
+def test_a_crashing_worker_fails_its_job_and_the_server_carries_on(start_server, tiny_model, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_model, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    server = start_server()
+    with server.client() as client:
+        bad_id = client.post("/api/training/start", json=job_config(broken, "broken")).json()["id"]
+        good_id = client.post("/api/training/start", json=job_config(tiny_model, "fine", iters=2)).json()["id"]
+        failed = wait_for(client, bad_id, lambda j: j["state"] not in ("queued", "running"))
+        assert failed["state"] == "failed" and failed["error"]
+        assert wait_for(client, good_id, lambda j: j["state"] != "queued" and j["state"] != "running")["state"] \
+            == "succeeded"
+        deadline = time.time() + 30  # the worker process exits just after it records the result
+        while client.get("/api/health").json()["status"] != "idle" and time.time() < deadline:
+            time.sleep(0.1)
+        assert client.get("/api/health").json()["status"] == "idle"
