@@ -113,7 +113,8 @@ def train_cmd(config, resume_dir, no_progress):
     except TrainingInterrupted as e:
         click.echo(f"{e}; checkpoint saved. Continue with: mlx-surgical train --resume <run dir>", err=True)
         sys.exit(130)
-    click.echo(f"{result.status}: {result.updates} updates, loss {result.first_loss:.4f} -> {result.final_loss:.4f}"
+    losses = f", loss {result.first_loss:.4f} -> {result.final_loss:.4f}" if result.final_loss is not None else ""
+    click.echo(f"{result.status}: {result.updates} updates{losses}"
                + (f", best validation loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""))
     click.echo(f"adapter: {result.run_dir}")
 
@@ -173,17 +174,18 @@ def generate_cmd(model_path, adapter_dir, max_tokens, compare, prompt):
 @click.option("--compare", "other", default=None, help="A second config to show side by side.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
 @click.option("--no-probe", is_flag=True, help="Skip the short timing probe on a local model.")
+@click.option("--ranks", type=int, default=1, show_default=True, help="Data-parallel ranks (mlx.launch -n).")
 @user_errors
-def plan_cmd(config, other, as_json, no_probe):
+def plan_cmd(config, other, as_json, no_probe, ranks):
     """Trainable parameters, adapter size, memory, schedule and time, before a run."""
     from .plan import format_plan, plan_run
 
     run_config, name = _load_config_arg(config)
-    plan = plan_run(run_config, probe=not no_probe)
+    plan = plan_run(run_config, probe=not no_probe, ranks=ranks)
     other_plan, other_name = None, ""
     if other:
         other_config, other_name = _load_config_arg(other)
-        other_plan = plan_run(other_config, probe=not no_probe)
+        other_plan = plan_run(other_config, probe=not no_probe, ranks=ranks)
     if as_json:
         click.echo(json.dumps({name: plan, other_name: other_plan} if other else plan, indent=2))
     else:

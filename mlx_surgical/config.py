@@ -89,7 +89,8 @@ class TrainingConfig:
     schedule: Literal["cosine", "linear", "constant"] = option(
         "cosine", "Decay after warmup, counted in optimizer updates.")
     weight_decay: float = option(0.01, "AdamW decoupled weight decay.")
-    batch_size: int = option(1, "Examples per micro-batch.")
+    batch_size: int = option(1, "Examples per micro-batch, across all ranks under mlx.launch (each of N ranks "
+                             "takes batch_size / N).")
     grad_accumulation_steps: int = option(4, "Micro-batches per optimizer update; the effective "
                                           "batch is batch_size x grad_accumulation_steps.")
     max_seq_length: int = option(2048, "Longest example in tokens (prompt + response).")

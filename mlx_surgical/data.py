@@ -275,15 +275,21 @@ def collate(samples: list[Sample], max_seq_length: int) -> Batch:
 
 
 class BatchStream:
-    """Micro-batches in training order, addressable by position so resume can start anywhere."""
+    """Micro-batches in training order, addressable by position so resume can start anywhere.
 
-    def __init__(self, samples: list[Sample], batch_size: int, seed: int, max_seq_length: int):
+    batch_size is the global batch. With several data-parallel ranks every rank computes the
+    same order and takes its share, rank::ranks, of each global batch; positions count global
+    batches, so a run can resume on a different number of ranks."""
+
+    def __init__(self, samples: list[Sample], batch_size: int, seed: int, max_seq_length: int,
+                 rank: int = 0, ranks: int = 1):
         if not samples:
             raise UserError("training data: no example is left to train on after length checks")
         self.samples = samples
         self.batch_size = batch_size
         self.seed = seed
         self.max_seq_length = max_seq_length
+        self.rank, self.ranks = rank, ranks
         self.lengths = [len(s.ids) for s in samples]
         self.per_epoch = -(-len(samples) // batch_size)
         self._cache: dict[int, list[list[int]]] = {}
@@ -294,8 +300,15 @@ class BatchStream:
             self._cache = {epoch: epoch_batches(self.lengths, self.batch_size, self.seed, epoch)}
         return self._cache[epoch][index]
 
-    def batch(self, position: int):
-        return collate([self.samples[i] for i in self.indices(position)], self.max_seq_length)
+    def batch(self, position: int) -> Batch:
+        indices = self.indices(position)
+        share = indices[self.rank::self.ranks]
+        if not share:
+            # A short last batch can leave a rank nothing: it contributes a fully masked
+            # example, so its gradient and token count are zero.
+            empty = collate([self.samples[indices[0]]], self.max_seq_length)
+            return Batch(empty.inputs, empty.targets, np.zeros_like(empty.mask), 0)
+        return collate([self.samples[i] for i in share], self.max_seq_length)
 
 
 def eval_batches(samples: list[Sample], batch_size: int, max_seq_length: int):

@@ -60,14 +60,9 @@ def data_hash(config: RunConfig) -> str:
     return digest.hexdigest()[:16]
 
 
-def new_run_dir(config: RunConfig, config_name: str) -> Path:
-    """The directory a new run will write; refused if another run already wrote there."""
-    name = config.output.name or f"{config_name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(config.output.dir) / name
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise UserError(f"output.name: run directory {run_dir} already exists; resume it with "
-                        f"`mlx-surgical train --resume {run_dir}` or choose another output.name")
-    return run_dir
+def new_run_dir(config: RunConfig, config_name: str, started: datetime) -> Path:
+    """The directory a new run will write: output.name, or the config's name and start time."""
+    return Path(config.output.dir) / (config.output.name or f"{config_name}-{started.strftime('%Y%m%d-%H%M%S')}")
 
 
 def encode_split(config: RunConfig, fmt: PromptFormat, split: str) -> EncodedData:
@@ -107,13 +102,38 @@ def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[
               progress: bool = True, log: Callable[[str], None] = print, callbacks: tuple = (),
               stop_flag: Optional[StopFlag] = None) -> RunResult:
     """Train (or resume) one run and write its directory. Raises UserError for bad input,
-    TrainingDiverged for a NaN loss and TrainingInterrupted after a checkpointed stop."""
+    TrainingDiverged for a NaN loss and TrainingInterrupted after a checkpointed stop.
+
+    Under `mlx.launch` every rank runs this function: each trains on its share of every global
+    batch, and only rank 0 writes files and reports (the run directory must be reachable
+    from every rank to resume)."""
+    import mlx.core as mx
+
     from .callbacks import Checkpointer, ConsoleProgress, MetricsFile, plot_losses
     from .train import (LoopSettings, TrainingDiverged, TrainingInterrupted, evaluate, learning_rate_schedule,
                         make_optimizer, masked_cross_entropy, train)
 
     t_start = time.perf_counter()
-    run_dir = Path(resume_dir) if resume_dir else new_run_dir(config, config_name)
+    world = mx.distributed.init()
+    ranks, primary = world.size(), world.rank() == 0
+    if config.training.batch_size % ranks:
+        raise UserError(f"training.batch_size: the global batch of {config.training.batch_size} does not split "
+                        f"evenly over {ranks} ranks; use a multiple of {ranks}")
+    if not primary:
+        log, progress, callbacks = (lambda _: None), False, ()
+
+    def from_rank0(value: int) -> int:
+        """Rank 0's value on every rank, so all agree on the run's name and whether it is taken."""
+        return int(mx.distributed.all_sum(mx.array(value if primary else 0), group=world, stream=mx.cpu).item())
+
+    if resume_dir:
+        run_dir = Path(resume_dir)
+    else:
+        started = datetime.fromtimestamp(from_rank0(int(time.time())))
+        run_dir = new_run_dir(config, config_name, started)
+        if from_rank0(int(run_dir.exists() and any(run_dir.iterdir()))):
+            raise UserError(f"output.name: run directory {run_dir} already exists; resume it with "
+                            f"`mlx-surgical train --resume {run_dir}` or choose another output.name")
     info_path = run_dir / RUN_INFO
     info = json.loads(info_path.read_text()) if resume_dir else {"name": run_dir.name, "created": _now()}
 
@@ -129,7 +149,7 @@ def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[
 
     t = config.training
     schedule = schedule_for(len(train_data.samples), t)
-    stream = BatchStream(train_data.samples, t.batch_size, t.seed, t.max_seq_length)
+    stream = BatchStream(train_data.samples, t.batch_size, t.seed, t.max_seq_length, world.rank(), ranks)
     trainable = attach_lora(loaded.model, config.lora, t.seed)
     lr = learning_rate_schedule(t.learning_rate, t.min_learning_rate, schedule.warmup_updates, schedule.updates,
                                 t.schedule)
@@ -145,9 +165,10 @@ def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[
         if checkpoint is None:
             raise UserError(f"{run_dir}: no checkpoint to resume from; start the run again")
         state = load_checkpoint(checkpoint, loaded.model, optimizer)
-        _truncate_metrics(run_dir / METRICS, state.update)
+        if primary:
+            _truncate_metrics(run_dir / METRICS, state.update)
         log(f"resuming {run_dir} from update {state.update} of {schedule.updates}")
-    else:
+    elif primary:
         run_dir.mkdir(parents=True, exist_ok=True)  # only now: bad input above leaves nothing behind
         save_config(config, run_dir / RUN_CONFIG)
         write_adapter(run_dir, adapter_weights(loaded.model), adapter_cfg)
@@ -161,14 +182,17 @@ def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[
                  "truncated": train_data.truncated, "skipped": train_data.skipped},
         "trainable_parameters": trainable,
         "schedule": schedule.to_dict(),
+        "ranks": ranks,
         "prompt_format": fmt.style,
         "versions": versions(),
     })
     info.setdefault("timings", {})["load_seconds"] = round(time.perf_counter() - t_start, 2)
-    write_json_atomic(info_path, info)
+    write_info = (lambda: write_json_atomic(info_path, info)) if primary else (lambda: None)
+    write_info()
     log(f"run {run_dir}: {trainable:,} trainable parameters, {len(train_data.samples)} examples, "
         f"{schedule.updates} optimizer updates ({schedule.epochs:g} epochs x {schedule.micro_batches_per_epoch} "
-        f"micro-batches / {t.grad_accumulation_steps} accumulation steps)")
+        f"micro-batches / {t.grad_accumulation_steps} accumulation steps)"
+        + (f"; {ranks} ranks, {t.batch_size // ranks} examples each per micro-batch" if ranks > 1 else ""))
 
     def validation_loss():
         return evaluate(loaded.model, masked_cross_entropy,
@@ -178,13 +202,15 @@ def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[
     checkpointer = Checkpointer(run_dir, loaded.model, optimizer, adapter_cfg, t.save_every, t.keep_checkpoints)
     stop_flag = stop_flag or StopFlag()
     restore_signals = stop_flag.install()
-    settings = LoopSettings(schedule.updates, t.grad_accumulation_steps, t.eval_every, t.patience, t.seed)
+    settings = LoopSettings(schedule.updates, t.grad_accumulation_steps, t.eval_every, t.patience, t.seed,
+                            world if ranks > 1 else None)
+    writers = (MetricsFile(run_dir), checkpointer) if primary else ()
 
     status = "failed"
     try:
         result = train(loaded.model, optimizer, masked_cross_entropy, stream.batch, settings, state,
                        validation_loss if valid_data.samples else None,
-                       callbacks=(console, MetricsFile(run_dir), checkpointer, *callbacks), should_stop=stop_flag)
+                       callbacks=(console, *writers, *callbacks), should_stop=stop_flag)
         status = "stopped_early" if result.stopped_early else "succeeded"
     except TrainingInterrupted:
         status = "interrupted"
@@ -199,16 +225,17 @@ def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[
         info["update"] = state.update
         info["timings"].update({"train_seconds": round(state.train_seconds, 2), "finished": _now()})
         info["best"] = {"val_loss": state.best_val_loss, "update": state.best_update}
-        if (run_dir / METRICS).exists():
+        if primary and (run_dir / METRICS).exists():
             plot_losses(run_dir / METRICS, run_dir / LOSS_PLOT)
-        write_json_atomic(info_path, info)
+        write_info()
 
-    write_adapter(run_dir, adapter_weights(loaded.model), adapter_cfg)
-    history = _read_metrics(run_dir / METRICS)
-    losses = [r["loss"] for r in history if "loss" in r]
+    if primary:
+        write_adapter(run_dir, adapter_weights(loaded.model), adapter_cfg)
+    losses = [r["loss"] for r in _read_metrics(run_dir / METRICS) if "loss" in r]
     info["final"] = {"loss": losses[-1] if losses else None, "val_loss": result.final_val_loss}
-    info["checksums"] = checksums(run_dir)
-    write_json_atomic(info_path, info)
+    if primary:
+        info["checksums"] = checksums(run_dir)
+    write_info()
     return RunResult(run_dir, status, state.update, trainable, losses[0] if losses else None,
                      losses[-1] if losses else None, result.final_val_loss, state.best_val_loss)
 

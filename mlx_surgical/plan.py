@@ -161,7 +161,12 @@ def count_examples(config: RunConfig) -> tuple[int, Optional[int], Optional[int]
     return len(records), None, None, "counted (tokenizer not local: lengths unchecked)"
 
 
-def plan_run(config: RunConfig, probe: bool = True) -> dict:
+def plan_run(config: RunConfig, probe: bool = True, ranks: int = 1) -> dict:
+    """The plan for `config`; with ranks > 1, for data-parallel training under mlx.launch."""
+    t = config.training
+    if ranks < 1 or t.batch_size % ranks:
+        raise UserError(f"--ranks: the global batch of {t.batch_size} (training.batch_size) does not split "
+                        f"evenly over {ranks} ranks")
     shape, shape_source = resolve_shape(config)
     lora_params = lora_parameter_count(shape, config.lora)
     examples, tokens, longest, counted = count_examples(config)
@@ -169,7 +174,8 @@ def plan_run(config: RunConfig, probe: bool = True) -> dict:
     dtype_bytes = 4 if config.model.dtype == "float32" else 2
     # Padding rounds a batch up to a multiple of 32 tokens (data.PAD_MULTIPLE).
     seq_len = padded_length(longest, config.training.max_seq_length) if longest else None
-    memory = memory_estimate(shape, lora_params, config.training, dtype_bytes, seq_len)
+    # Memory is per rank: each holds the whole model and its share of the batch.
+    memory = memory_estimate(shape, lora_params, replace(t, batch_size=t.batch_size // ranks), dtype_bytes, seq_len)
     memory["machine_gb"] = machine_memory_gb()
     plan = {
         "model": {"path": config.model.path, "shape": shape.describe(), "from": shape_source,
@@ -181,6 +187,9 @@ def plan_run(config: RunConfig, probe: bool = True) -> dict:
         "trainable_share": lora_params / shape.parameter_count,
         "adapter_size_bytes": {"float32": 4 * lora_params, "float16": 2 * lora_params},
         "memory": memory,
+        "batch": {"global": t.batch_size, "ranks": ranks, "per_rank": t.batch_size // ranks,
+                  "accumulation_steps": t.grad_accumulation_steps,
+                  "examples_per_update": t.batch_size * t.grad_accumulation_steps},
         "schedule": {**schedule.to_dict(), "examples_counted": counted, "train_tokens": tokens,
                      "warmup_share": schedule.warmup_updates / schedule.updates if schedule.updates else 0.0},
         "time": {"seconds_per_update": None, "total_seconds": None,
@@ -232,6 +241,10 @@ def format_plan(plan: dict, other: Optional[dict] = None, names: tuple[str, str]
                                     f"({m['activations_checkpointed_gb']:.2f} GB with grad_checkpoint)"),
             ("memory: total", f"{m['total_gb']:.2f} GB of {machine}"),
             ("examples", f"{s['examples']} ({s['examples_counted']})"),
+            ("batch", f"{p['batch']['global']} x {p['batch']['accumulation_steps']} accumulation = "
+                      f"{p['batch']['examples_per_update']} examples per update"
+                      + (f"; {p['batch']['per_rank']} per rank on {p['batch']['ranks']} ranks"
+                         if p['batch']['ranks'] > 1 else "")),
             ("schedule", f"{s['epochs']:g} epochs x {s['micro_batches_per_epoch']} micro-batches = "
                          f"{s['micro_batches']} micro-batches"),
             ("optimizer updates", f"{s['updates']} ({s['warmup_updates']} warmup, {100 * s['warmup_share']:.0f}%)"),

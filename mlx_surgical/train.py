@@ -1,7 +1,7 @@
 """The training loop: compiled gradient step, gradient accumulation, schedule, evaluation.
 
 `train` receives everything that varies as arguments (the loss, the batches, the
-callbacks), so fresh, resumed and QLoRA runs use this one loop. Progress reaches the
+callbacks), so fresh, resumed, QLoRA and data-parallel runs use this one loop. Progress reaches the
 console, the metrics file and the server only through callbacks.
 
 Accumulation is exact: the loss function returns a token-summed loss and its token
@@ -77,12 +77,13 @@ class LoopSettings:
     eval_every: int
     patience: int = 0
     seed: int = 0
+    world: Optional[object] = None  # an mx.distributed group of data-parallel ranks, or None
 
 
-def dropout_seed(seed: int, position: int) -> int:
-    """Each micro-batch draws its dropout masks from a key fixed by (seed, position), so a
-    resumed run needs no saved random state to continue exactly."""
-    return (seed % 2 ** 31) * 2 ** 32 + position
+def dropout_seed(seed: int, position: int, rank: int = 0) -> int:
+    """Each micro-batch draws its dropout masks from a key fixed by (seed, position, rank), so
+    a resumed run needs no saved random state to continue exactly."""
+    return ((seed % 2 ** 31) * 2 ** 32 + position) * 1024 + rank
 
 
 @dataclass
@@ -122,6 +123,13 @@ def train(model, optimizer, loss_fn: Callable, batch_at: Callable[[int], Batch],
     update boundary, where a checkpoint resumes exactly, and TrainingInterrupted is raised.
     """
     accum = settings.grad_accumulation_steps
+    world = settings.world
+    ranks, rank = (world.size(), world.rank()) if world is not None else (1, 0)
+
+    def across_ranks(x, stream=None):
+        """Sum over data-parallel ranks (identity for one process). Scalars outside the
+        compiled step go through the CPU stream, as mlx-lm's trainer does."""
+        return mx.distributed.all_sum(x, group=world, stream=stream) if ranks > 1 else x
     value_and_grad = nn.value_and_grad(model, loss_fn)
     compiled_state = [model.state, optimizer.state, mx.random.state]
 
@@ -132,6 +140,7 @@ def train(model, optimizer, loss_fn: Callable, batch_at: Callable[[int], Batch],
 
     @partial(mx.compile, inputs=compiled_state, outputs=compiled_state)
     def apply_update(grads, ntoks):
+        grads = tree_map(across_ranks, grads)
         optimizer.update(model, tree_map(lambda g: g / ntoks, grads))
 
     model.train()
@@ -143,12 +152,14 @@ def train(model, optimizer, loss_fn: Callable, batch_at: Callable[[int], Batch],
         grads, loss_total, tok_total, tokens = None, mx.array(0.0), mx.array(0.0), 0
         for micro in range(accum):
             batch = batch_at(state.position + micro)
-            mx.random.seed(dropout_seed(settings.seed, state.position + micro))
+            mx.random.seed(dropout_seed(settings.seed, state.position + micro, rank))
             loss_sum, ntoks, g = grad_step(mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask))
             grads = g if grads is None else tree_map(mx.add, grads, g)
             loss_total, tok_total = loss_total + loss_sum, tok_total + ntoks
             tokens += batch.tokens
             mx.eval(grads, loss_total, tok_total)
+        loss_total, tok_total = across_ranks(loss_total, mx.cpu), across_ranks(tok_total, mx.cpu)
+        tokens = int(across_ranks(mx.array(tokens), mx.cpu).item())
         loss = (loss_total / mx.maximum(tok_total, 1)).item()
         if not math.isfinite(loss):
             raise TrainingDiverged(
@@ -181,7 +192,8 @@ def train(model, optimizer, loss_fn: Callable, batch_at: Callable[[int], Batch],
                 stopped_early = True
                 _emit(callbacks, "on_stop", "early_stopping", state)
                 break
-        if not last and should_stop():
+        # Every rank must stop at the same update, or the others would wait in all_sum forever.
+        if not last and across_ranks(mx.array(int(should_stop())), mx.cpu).item() > 0:
             _emit(callbacks, "on_stop", "interrupted", state)
             raise TrainingInterrupted(f"stopped at update {state.update} of {settings.total_updates}")
     return LoopResult(state, stopped_early, final_val)

@@ -90,6 +90,17 @@ def test_plan_for_codellama_7b_before_download():
     assert 13.0 < float16["memory"]["base_weights_gb"] < 14.0  # 6.7B parameters x 2 bytes
 
 
+def test_plan_shows_the_per_rank_share_of_the_global_batch():
+    raw = inline_config("surgical", 116)
+    raw["training"]["batch_size"] = 4
+    one, two = (plan_run(config_from_dict(raw), ranks=n) for n in (1, 2))
+    assert two["batch"] == {"global": 4, "ranks": 2, "per_rank": 2, "accumulation_steps": 4, "examples_per_update": 16}
+    assert two["schedule"]["updates"] == one["schedule"]["updates"]
+    assert two["memory"]["activations_gb"] == pytest.approx(one["memory"]["activations_gb"] / 2, rel=0.05)
+    with pytest.raises(UserError, match="does not split evenly over 3 ranks"):
+        plan_run(config_from_dict(raw), ranks=3)
+
+
 def test_plan_compare_and_json_through_the_cli(tmp_path):
     surgical, nuclear = tmp_path / "surgical.json", tmp_path / "nuclear.json"
     surgical.write_text(json.dumps(inline_config("surgical", 116)))
