@@ -23,7 +23,7 @@ from .checkpoint import TrainState, write_json_atomic
 from .config import RunConfig, config_from_dict
 from .errors import NotFound, UserError
 
-STATES = ("queued", "running", "succeeded", "failed", "cancelled", "interrupted")
+# A job is queued, running, or one of these:
 FINISHED = ("succeeded", "failed", "cancelled", "interrupted")
 RESUMABLE = ("cancelled", "interrupted", "failed")
 JOB_FILE, EVENTS_FILE = "job.json", "events.jsonl"
@@ -245,8 +245,9 @@ class Scheduler:
             time.sleep(self.poll_seconds)
 
     def _launch(self, job_id: str) -> None:
-        process = subprocess.Popen([sys.executable, "-m", "mlx_surgical.jobs", str(self.store.workspace), job_id],
-                                   stdout=subprocess.DEVNULL, stderr=open(self.store.path(job_id) / "worker.log", "ab"))
+        with open(self.store.path(job_id) / "worker.log", "ab") as log:
+            process = subprocess.Popen([sys.executable, "-m", "mlx_surgical.jobs", str(self.store.workspace), job_id],
+                                       stdout=subprocess.DEVNULL, stderr=log)
         self.active = (job_id, process)
 
     def _reap(self) -> None:
