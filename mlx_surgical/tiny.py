@@ -18,6 +18,9 @@ from .errors import UserError
 
 # Llama-2 / CodeLlama special token ids: <unk>=0, <s>=1, </s>=2.
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+# The bundled text supports about 2,400 SentencePiece pieces. A larger vocab_size (CodeLlama's
+# 32016, for benchmarks) keeps embedding rows the tokenizer never produces, as CodeLlama does.
+MAX_TOKENIZER_PIECES = 2048
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,7 @@ class TinyShape:
     kv_heads: int = 2
     vocab_size: int = 512
     max_position_embeddings: int = 2048
+    tie_embeddings: bool = False
 
     def hf_config(self) -> dict:
         return {
@@ -47,7 +51,7 @@ class TinyShape:
             "rms_norm_eps": 1e-5,
             "rope_theta": 10000.0,
             "hidden_act": "silu",
-            "tie_word_embeddings": False,
+            "tie_word_embeddings": self.tie_embeddings,
             "attention_bias": False,
             "mlp_bias": False,
             "bos_token_id": BOS_ID,
@@ -99,7 +103,8 @@ def random_weights(shape: TinyShape, seed: int) -> dict[str, np.ndarray]:
             f"{prefix}.post_attention_layernorm.weight": np.ones(h, np.float32),
         }
     weights["model.norm.weight"] = np.ones(h, np.float32)
-    weights["lm_head.weight"] = normal(shape.vocab_size, h)
+    if not shape.tie_embeddings:
+        weights["lm_head.weight"] = normal(shape.vocab_size, h)
     return weights
 
 
@@ -166,7 +171,7 @@ def build_tiny_model(out_dir: str | Path, shape: TinyShape = TinyShape(), seed: 
 
     (out / "config.json").write_text(json.dumps(shape.hf_config(), indent=2) + "\n")
     save_file(random_weights(shape, seed), str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "tokenizer.model").write_bytes(train_sentencepiece(shape.vocab_size))
+    (out / "tokenizer.model").write_bytes(train_sentencepiece(min(shape.vocab_size, MAX_TOKENIZER_PIECES)))
     (out / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2) + "\n")
     special = {k: TOKENIZER_CONFIG[k] for k in ("bos_token", "eos_token", "unk_token")}
     (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")

@@ -54,3 +54,22 @@ def test_refuses_bad_shapes_and_non_empty_directories(tiny_model, tmp_path):
         build_tiny_model(tmp_path / "x", TinyShape(hidden_size=60, heads=8))
     with pytest.raises(UserError, match="not empty"):
         build_tiny_model(tiny_model)
+
+
+def test_a_vocab_larger_than_the_tokenizer_and_tied_embeddings(tmp_path):
+    """CodeLlama's shape: 32016 embedding rows for 32000 pieces; the benchmark's "small" model ties them."""
+    import mlx.core as mx
+    import sentencepiece as spm
+    import torch
+    from mlx_lm.utils import load
+    from transformers import LlamaForCausalLM
+
+    path = build_tiny_model(tmp_path / "wide", TinyShape(layers=1, vocab_size=3000, tie_embeddings=True))
+    assert spm.SentencePieceProcessor(model_file=str(path / "tokenizer.model")).get_piece_size() == 2048
+    model, tokenizer = load(str(path))
+    ids = tokenizer.encode(CODE)
+    logits = np.array(model(mx.array([ids])))
+    assert logits.shape[-1] == 3000
+    hf = LlamaForCausalLM.from_pretrained(str(path), torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(hf(torch.tensor([ids])).logits.numpy(), logits, atol=1e-4)

@@ -1,0 +1,188 @@
+"""Training speed side by side: mlx_surgical, mlx_lm.lora and PyTorch + PEFT on the same CPU.
+
+Run as:
+    python scripts/speed_bench.py [--model small|tiny] [--updates 12]
+
+Builds the model with the package's factory ("small": hidden 512, 8 layers, 8 heads,
+intermediate 1376, vocab 32016, tied embeddings, 41.7M parameters), formats the bundled
+instruction pairs as CodeLlama prompts, and trains the same number of optimizer updates with
+the same settings in each system: float32, LoRA rank 8 / alpha 16 / dropout 0.05 on q/k/v of
+every layer, batch 1 x 4 accumulation, AdamW at 1e-4. The first two updates (compilation,
+warm-up) are timed separately. Each system runs in its own process: both MLX ones with
+OpenBLAS preloaded (mlx_surgical does that by itself), PyTorch + PEFT (when torch,
+transformers and peft import) with its own BLAS and nothing preloaded.
+"""
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from mlx_surgical.backend import ensure_fast_blas
+
+ensure_fast_blas()  # before mlx is imported, like the CLI
+
+from mlx_surgical.config import config_from_dict  # noqa: E402
+from mlx_surgical.data import PromptFormat, read_records, sample_path, to_messages  # noqa: E402
+from mlx_surgical.tiny import QUICKSTART_SHAPE, TinyShape, build_tiny_model  # noqa: E402
+
+MODELS = {
+    "small": TinyShape(layers=8, hidden_size=512, intermediate_size=1376, heads=8, kv_heads=8, vocab_size=32016,
+                       tie_embeddings=True),
+    "tiny": QUICKSTART_SHAPE,
+}
+WARMUP_UPDATES, ACCUM, LR, MAX_LEN = 2, 4, 1e-4, 512
+
+
+def examples(model_dir: Path) -> list[tuple[list[int], int]]:
+    from mlx_surgical.model import load_tokenizer
+
+    fmt = PromptFormat(load_tokenizer(str(model_dir)))
+    return [fmt.example_ids(*to_messages(r)) for r in read_records(sample_path("train"))]
+
+
+def run_measured(command: list[str], log: Path, env: dict | None = None) -> float:
+    """Run a command to completion; returns its peak resident memory in GB (every system is
+    measured this way, so they compare)."""
+    with log.open("w") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(process.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"{command[:4]} failed:\n{log.read_text()[-3000:]}")
+    return usage.ru_maxrss * 1024 / 1e9  # kilobytes on Linux
+
+
+def bench_mlx_surgical(model_dir: Path, updates: int, work: Path) -> dict:
+    from mlx_surgical.config import save_config
+
+    config = config_from_dict({
+        "model": {"path": str(model_dir), "dtype": "float32"},
+        "data": {"train": str(sample_path("train"))},
+        "training": {"iters": updates + WARMUP_UPDATES, "learning_rate": LR, "warmup_steps": 0,
+                     "grad_accumulation_steps": ACCUM, "max_seq_length": MAX_LEN, "save_every": 10 ** 6},
+        "output": {"dir": str(work), "name": "mlx_surgical"}})
+    save_config(config, work / "mlx_surgical.json")
+    peak = run_measured([sys.executable, "-m", "mlx_surgical", "train", "--no-progress",
+                         str(work / "mlx_surgical.json")], work / "mlx_surgical.log")
+    rows = [json.loads(line) for line in (work / "mlx_surgical" / "metrics.jsonl").read_text().splitlines()]
+    warm, timed = rows[:WARMUP_UPDATES], rows[WARMUP_UPDATES:]
+    return {"tokens_per_second": sum(r["tokens_per_second"] * r["seconds"] for r in timed)
+            / sum(r["seconds"] for r in timed),
+            "warmup_seconds": sum(r["seconds"] for r in warm), "peak_memory_gb": peak}
+
+
+def bench_mlx_lm(model_dir: Path, updates: int, work: Path, texts: list[str]) -> dict:
+    data = work / "mlx_lm_data"
+    data.mkdir()
+    for split in ("train", "valid"):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    config = work / "mlx_lm.yaml"
+    config.write_text(json.dumps({"lora_parameters": {"rank": 8, "scale": 2.0, "dropout": 0.05,
+                                                      "keys": ["self_attn.q_proj", "self_attn.k_proj",
+                                                               "self_attn.v_proj"]}}))
+    iters = (updates + WARMUP_UPDATES) * ACCUM
+    log = work / "mlx_lm.log"
+    peak = run_measured([sys.executable, "-m", "mlx_lm", "lora", "--model", str(model_dir), "--train", "--data",
+                          str(data), "--iters", str(iters), "--batch-size", "1", "--grad-accumulation-steps",
+                          str(ACCUM), "--num-layers", "-1", "--learning-rate", str(LR), "--max-seq-length",
+                          str(MAX_LEN), "--steps-per-report", str(ACCUM), "--steps-per-eval", str(10 ** 6),
+                          "--val-batches", "1", "--adapter-path", str(work / "mlx_lm_adapter"), "-c", str(config)], log)
+    # mlx-lm's report table: "iter  train_loss  tok/s  tokens", one row per update here.
+    text = re.sub(r"\x1b\[[0-9;]*m", "", log.read_text())
+    rates = [float(m.group(1).replace(",", "")) for m in re.finditer(r"^\s*\d+\s+[\d.]+ \S\s+([\d,]+)\s", text, re.M)]
+    timed = rates[WARMUP_UPDATES:]
+    return {"tokens_per_second": sum(timed) / len(timed), "warmup_seconds": None, "peak_memory_gb": peak}
+
+
+def bench_torch_in_subprocess(model_dir: Path, updates: int, work: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "_MLX_SURGICAL_BLAS_REEXEC")}
+    env["MLX_SURGICAL_FAST_BLAS"] = "0"  # the torch process must not re-execute with OpenBLAS
+    out = work / "torch.json"
+    peak = run_measured([sys.executable, __file__, "--torch-only", str(model_dir), "--updates", str(updates),
+                         "--out", str(out)], work / "torch.log", env)
+    return {**json.loads(out.read_text()), "peak_memory_gb": peak}
+
+
+def bench_torch(model_dir: Path, updates: int) -> dict:
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM.from_pretrained(str(model_dir), torch_dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
+                                             target_modules=["q_proj", "k_proj", "v_proj"], task_type="CAUSAL_LM"))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.01)
+    model.train()
+    data = examples(model_dir)
+    seconds, tokens, position = [], [], 0
+    for _ in range(updates + WARMUP_UPDATES):
+        start, count = time.perf_counter(), 0
+        for _ in range(ACCUM):
+            ids, loss_start = data[position % len(data)]
+            position += 1
+            ids = ids[:MAX_LEN]
+            labels = [-100] * loss_start + ids[loss_start:]
+            loss = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss / ACCUM
+            loss.backward()
+            count += len(ids) - 1
+        optimizer.step()
+        optimizer.zero_grad()
+        seconds.append(time.perf_counter() - start)
+        tokens.append(count)
+    return {"tokens_per_second": sum(tokens[WARMUP_UPDATES:]) / sum(seconds[WARMUP_UPDATES:]),
+            "warmup_seconds": sum(seconds[:WARMUP_UPDATES])}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=list(MODELS), default="small")
+    parser.add_argument("--updates", type=int, default=12)
+    parser.add_argument("--torch-only", type=Path, help=argparse.SUPPRESS)  # the PyTorch process
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.torch_only:
+        args.out.write_text(json.dumps(bench_torch(args.torch_only, args.updates)))
+        return
+    from mlx_surgical.backend import describe, measure_sgemm_gflops
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        model_dir = build_tiny_model(work / "model", MODELS[args.model])
+        from mlx_surgical.model import load_tokenizer
+
+        tokenizer = load_tokenizer(str(model_dir))
+        texts = [tokenizer.decode(ids[:MAX_LEN]) for ids, _ in examples(model_dir)]
+        results = {"mlx_surgical": bench_mlx_surgical(model_dir, args.updates, work),
+                   "mlx_lm.lora": bench_mlx_lm(model_dir, args.updates, work, texts)}
+        if all(importlib.util.find_spec(m) for m in ("torch", "transformers", "peft")):
+            results["PyTorch + PEFT"] = bench_torch_in_subprocess(model_dir, args.updates, work)
+        else:
+            print("PyTorch + PEFT skipped: torch, transformers or peft is not installed")
+        from mlx.utils import tree_flatten
+        from mlx_lm.utils import load
+
+        params = sum(v.size for _, v in tree_flatten(load(str(model_dir))[0].parameters()))
+    gflops = measure_sgemm_gflops(1024, 10)
+    ceiling = gflops * 1e9 / (4 * params)  # forward + input-gradient backward, frozen weights
+    facts = describe()
+    print(f"machine: {facts['os']}, {os.cpu_count()} cores, MLX {facts['mlx']} {facts['backend']}, {facts['blas']}")
+    print(f"model '{args.model}': {params / 1e6:.1f}M parameters; sgemm {gflops:.0f} GFLOP/s -> 4N FLOPs/token "
+          f"ceiling {ceiling:.0f} tokens/s; {args.updates} timed updates of batch 1 x {ACCUM}")
+    base = results["mlx_surgical"]["tokens_per_second"]
+    print(f"{'system':<16} {'tokens/s':>9} {'ours/this':>10} {'of ceiling':>11} {'warm-up s':>10} {'peak GB':>8}")
+    for name, r in results.items():
+        warm = f"{r['warmup_seconds']:.1f}" if r["warmup_seconds"] is not None else "-"
+        peak = f"{r['peak_memory_gb']:.2f}" if r["peak_memory_gb"] is not None else "-"
+        print(f"{name:<16} {r['tokens_per_second']:>9.0f} {base / r['tokens_per_second']:>10.2f} "
+              f"{r['tokens_per_second'] / ceiling:>11.0%} {warm:>10} {peak:>8}")
+
+
+if __name__ == "__main__":
+    main()
