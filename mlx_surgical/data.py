@@ -232,7 +232,10 @@ def split_records(data_config, split: str, source_dir: Optional[Path] = None) ->
 
 # --- batching -------------------------------------------------------------------------------
 
-PAD_MULTIPLE = 32  # pad batches to a multiple of this so the compiled step sees few shapes
+# Batches are padded to a multiple of PAD_MULTIPLE tokens and their learned positions to a
+# multiple of LOSS_SLOTS_MULTIPLE, so the compiled step is traced once per bucket, not per step.
+PAD_MULTIPLE = 16
+LOSS_SLOTS_MULTIPLE = 32
 
 
 def padded_length(length: int, max_seq_length: int) -> int:
@@ -256,22 +259,40 @@ def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) ->
 class Batch:
     inputs: np.ndarray  # (batch, width) int32
     targets: np.ndarray  # (batch, width) int32, inputs shifted by one
-    mask: np.ndarray  # (batch, width) float32, 1 where the loss is taken
+    loss_index: np.ndarray  # (n,) int32 flat positions whose target is learned, padded to a bucket
+    loss_weight: np.ndarray  # (n,) float32, 1 for a learned position, 0 for bucket padding
     tokens: int  # real (unpadded) input tokens
+
+    def loss_inputs(self) -> tuple:
+        """The arrays every loss in `loss.py` takes after the model."""
+        return self.inputs, self.targets, self.loss_index, self.loss_weight
+
+    def learned_targets(self) -> np.ndarray:
+        return self.targets.reshape(-1)[self.loss_index[self.loss_weight > 0]]
+
+    def without_loss(self) -> "Batch":
+        return Batch(self.inputs, self.targets, self.loss_index, np.zeros_like(self.loss_weight), 0)
 
 
 def collate(samples: list[Sample], max_seq_length: int) -> Batch:
-    """Pad a list of samples to one width; padding is masked out of the loss."""
+    """Pad a list of samples to one width and list the positions whose next token is learned;
+    both are rounded up to a bucket (see PAD_MULTIPLE)."""
     width = padded_length(max(len(s.ids) for s in samples) - 1, max_seq_length)
     inputs = np.zeros((len(samples), width), np.int32)
     targets = np.zeros((len(samples), width), np.int32)
-    mask = np.zeros((len(samples), width), np.float32)
+    learned = []
     for row, s in enumerate(samples):
         n = len(s.ids) - 1
         inputs[row, :n] = s.ids[:-1]
         targets[row, :n] = s.ids[1:]
-        mask[row, max(s.loss_start - 1, 0):n] = 1.0
-    return Batch(inputs, targets, mask, sum(len(s.ids) - 1 for s in samples))
+        learned.append(row * width + np.arange(max(s.loss_start - 1, 0), n))
+    learned = np.concatenate(learned).astype(np.int32)
+    slots = min(-(-max(len(learned), 1) // LOSS_SLOTS_MULTIPLE) * LOSS_SLOTS_MULTIPLE, inputs.size)
+    loss_index = np.zeros(slots, np.int32)
+    loss_weight = np.zeros(slots, np.float32)
+    loss_index[:len(learned)] = learned
+    loss_weight[:len(learned)] = 1.0
+    return Batch(inputs, targets, loss_index, loss_weight, sum(len(s.ids) - 1 for s in samples))
 
 
 class BatchStream:
@@ -306,8 +327,7 @@ class BatchStream:
         if not share:
             # A short last batch can leave a rank nothing: it contributes a fully masked
             # example, so its gradient and token count are zero.
-            empty = collate([self.samples[indices[0]]], self.max_seq_length)
-            return Batch(empty.inputs, empty.targets, np.zeros_like(empty.mask), 0)
+            return collate([self.samples[indices[0]]], self.max_seq_length).without_loss()
         return collate([self.samples[i] for i in share], self.max_seq_length)
 
 

@@ -110,8 +110,9 @@ def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[
     import mlx.core as mx
 
     from .callbacks import Checkpointer, ConsoleProgress, MetricsFile, plot_losses
+    from .loss import training_loss
     from .train import (LoopSettings, TrainingDiverged, TrainingInterrupted, evaluate, learning_rate_schedule,
-                        make_optimizer, masked_cross_entropy, train)
+                        make_optimizer, train)
 
     t_start = time.perf_counter()
     world = mx.distributed.init()
@@ -194,8 +195,10 @@ def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[
         f"micro-batches / {t.grad_accumulation_steps} accumulation steps)"
         + (f"; {ranks} ranks, {t.batch_size // ranks} examples each per micro-batch" if ranks > 1 else ""))
 
+    loss_fn = training_loss(loaded.model, t.grad_checkpoint)
+
     def validation_loss():
-        return evaluate(loaded.model, masked_cross_entropy,
+        return evaluate(loaded.model, loss_fn,
                         eval_batches(valid_data.samples, t.batch_size, t.max_seq_length))
 
     console = ConsoleProgress(enabled=progress)
@@ -208,7 +211,7 @@ def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[
 
     status = "failed"
     try:
-        result = train(loaded.model, optimizer, masked_cross_entropy, stream.batch, settings, state,
+        result = train(loaded.model, optimizer, loss_fn, stream.batch, settings, state,
                        validation_loss if valid_data.samples else None,
                        callbacks=(console, *writers, *callbacks), should_stop=stop_flag)
         status = "stopped_early" if result.stopped_early else "succeeded"

@@ -14,6 +14,7 @@ from .checkpoint import METRICS
 from .config import LoraConfig, RunConfig, TrainingConfig
 from .data import PromptFormat, encode_records, padded_length, split_records
 from .errors import UserError
+from .loss import LOSS_CHUNK_ELEMENTS
 from .model import ModelShape, is_local, model_shape
 from .surgery import adapted_layer_count
 
@@ -104,13 +105,14 @@ def activation_bytes(shape: ModelShape, tokens_per_batch: int, seq_len: int, bat
                      checkpointing: bool) -> int:
     """What the backward pass keeps: per layer and token, the inputs and outputs of the norms,
     projections and SwiGLU (about 10 hidden-sized and 4 intermediate-sized vectors), plus the
-    attention probabilities (heads x L x L); and the float32 logits, their softmax and their
-    gradient. With checkpointing only each layer's input is kept, plus one layer recomputed."""
+    attention probabilities (heads x L x L); and one chunk of float32 logits with its
+    exponentials and probabilities (see loss.py). With checkpointing only each layer's input is
+    kept, plus one layer recomputed."""
     h, i = shape.hidden_size, shape.intermediate_size
     per_token_layer = (10 * h + 4 * i) * dtype_bytes
     attention = 2 * shape.num_heads * seq_len * seq_len * batch * dtype_bytes
     per_layer = tokens_per_batch * per_token_layer + attention
-    logits = 3 * tokens_per_batch * shape.vocab_size * 4
+    logits = 5 * min(tokens_per_batch * shape.vocab_size, LOSS_CHUNK_ELEMENTS) * 4
     if checkpointing:
         return int(shape.num_layers * tokens_per_batch * h * dtype_bytes + per_layer + logits)
     return int(shape.num_layers * per_layer + logits)
@@ -172,7 +174,7 @@ def plan_run(config: RunConfig, probe: bool = True, ranks: int = 1) -> dict:
     examples, tokens, longest, counted = count_examples(config)
     schedule = schedule_for(examples, config.training)
     dtype_bytes = 4 if config.model.dtype == "float32" else 2
-    # Padding rounds a batch up to a multiple of 32 tokens (data.PAD_MULTIPLE).
+    # Padding rounds a batch up to a bucket of data.PAD_MULTIPLE tokens.
     seq_len = padded_length(longest, config.training.max_seq_length) if longest else None
     # Memory is per rank: each holds the whole model and its share of the batch.
     memory = memory_estimate(shape, lora_params, replace(t, batch_size=t.batch_size // ranks), dtype_bytes, seq_len)

@@ -4,7 +4,8 @@
 callbacks), so fresh, resumed, QLoRA and data-parallel runs use this one loop. Progress reaches the
 console, the metrics file and the server only through callbacks.
 
-Accumulation is exact: the loss function returns a token-summed loss and its token
+The loss function (see `loss.py`) is called as loss_fn(model, *batch.loss_inputs()).
+Accumulation is exact: it returns a token-summed loss and its token
 count, the gradients of the sums are added over the micro-batches, and the update divides
 by the total token count. So batch 1 x 4 steps gives the same update as batch 4.
 """
@@ -23,13 +24,6 @@ from mlx.utils import tree_map
 from .checkpoint import TrainState
 from .data import Batch
 from .errors import UserError
-
-
-def masked_cross_entropy(model, inputs, targets, mask):
-    """Token-summed cross-entropy over the masked (response) positions, and their count."""
-    logits = model(inputs).astype(mx.float32)
-    losses = nn.losses.cross_entropy(logits, targets) * mask
-    return losses.sum(), mask.sum()
 
 
 def learning_rate_schedule(peak: float, minimum: float, warmup: int, total: int, kind: str):
@@ -105,7 +99,7 @@ def evaluate(model, loss_fn, batches) -> Optional[float]:
     model.eval()
     total, count = mx.array(0.0), mx.array(0.0)
     for batch in batches:
-        loss_sum, ntoks = loss_fn(model, mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask))
+        loss_sum, ntoks = loss_fn(model, *map(mx.array, batch.loss_inputs()))
         total, count = total + loss_sum, count + ntoks
         mx.eval(total, count)
     model.train()
@@ -134,8 +128,8 @@ def train(model, optimizer, loss_fn: Callable, batch_at: Callable[[int], Batch],
     compiled_state = [model.state, optimizer.state, mx.random.state]
 
     @partial(mx.compile, inputs=compiled_state, outputs=compiled_state)
-    def grad_step(inputs, targets, mask):
-        (loss_sum, ntoks), grads = value_and_grad(model, inputs, targets, mask)
+    def grad_step(*loss_inputs):
+        (loss_sum, ntoks), grads = value_and_grad(model, *loss_inputs)
         return loss_sum, ntoks, grads
 
     @partial(mx.compile, inputs=compiled_state, outputs=compiled_state)
@@ -153,7 +147,7 @@ def train(model, optimizer, loss_fn: Callable, batch_at: Callable[[int], Batch],
         for micro in range(accum):
             batch = batch_at(state.position + micro)
             mx.random.seed(dropout_seed(settings.seed, state.position + micro, rank))
-            loss_sum, ntoks, g = grad_step(mx.array(batch.inputs), mx.array(batch.targets), mx.array(batch.mask))
+            loss_sum, ntoks, g = grad_step(*map(mx.array, batch.loss_inputs()))
             grads = g if grads is None else tree_map(mx.add, grads, g)
             loss_total, tok_total = loss_total + loss_sum, tok_total + ntoks
             tokens += batch.tokens

@@ -21,10 +21,11 @@ from mlx_lm.models.llama import Model, ModelArgs
 from mlx_surgical.checkpoint import TrainState
 from mlx_surgical.config import LoraConfig, TrainingConfig
 from mlx_surgical.data import Sample, collate
+from mlx_surgical.loss import training_loss
 from mlx_surgical.model import ModelShape
 from mlx_surgical.plan import lora_parameter_count, memory_estimate
 from mlx_surgical.surgery import attach_lora
-from mlx_surgical.train import LoopSettings, make_optimizer, masked_cross_entropy, train
+from mlx_surgical.train import LoopSettings, make_optimizer, train
 
 SIZES = {  # hidden, layers, heads, kv heads, intermediate, vocab
     "tiny": (64, 2, 4, 2, 192, 512),
@@ -59,7 +60,7 @@ def measure(size: str, seq_len: int, updates: int = 2, accum: int = 2) -> dict:
     mx.clear_cache()
     mx.reset_peak_memory()
     start = time.perf_counter()
-    train(model, optimizer, masked_cross_entropy, lambda p: batches[p], LoopSettings(updates, accum, 10 ** 9),
+    train(model, optimizer, training_loss(model), lambda p: batches[p], LoopSettings(updates, accum, 10 ** 9),
           TrainState())
     seconds = time.perf_counter() - start
     measured = mx.get_peak_memory() / 1e9

@@ -1,14 +1,15 @@
 """Training speed side by side: mlx_surgical, mlx_lm.lora and PyTorch + PEFT on the same CPU.
 
 Run as:
-    python scripts/speed_bench.py [--model small|tiny] [--updates 12]
+    python scripts/speed_bench.py [--model small|tiny] [--updates 30]
 
 Builds the model with the package's factory ("small": hidden 512, 8 layers, 8 heads,
 intermediate 1376, vocab 32016, tied embeddings, 41.7M parameters), formats the bundled
 instruction pairs as CodeLlama prompts, and trains the same number of optimizer updates with
 the same settings in each system: float32, LoRA rank 8 / alpha 16 / dropout 0.05 on q/k/v of
 every layer, batch 1 x 4 accumulation, AdamW at 1e-4. The first two updates (compilation,
-warm-up) are timed separately. Each system runs in its own process: both MLX ones with
+warm-up) are timed separately; 2 + 30 updates take every system through all 116 examples at
+least once, so the peak memory of each includes the longest example. Each system runs in its own process: both MLX ones with
 OpenBLAS preloaded (mlx_surgical does that by itself), PyTorch + PEFT (when torch,
 transformers and peft import) with its own BLAS and nothing preloaded.
 """
@@ -143,7 +144,7 @@ def bench_torch(model_dir: Path, updates: int) -> dict:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=list(MODELS), default="small")
-    parser.add_argument("--updates", type=int, default=12)
+    parser.add_argument("--updates", type=int, default=30)
     parser.add_argument("--torch-only", type=Path, help=argparse.SUPPRESS)  # the PyTorch process
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from mlx_surgical.data import (BatchStream, PromptFormat, collate, encode_records, inline_records, read_records,
-                               sample_path, to_messages)
+from mlx_surgical.data import (LOSS_SLOTS_MULTIPLE, PAD_MULTIPLE, BatchStream, PromptFormat, collate, encode_records,
+                               inline_records, read_records, sample_path, to_messages)
 from mlx_surgical.errors import UserError
 from mlx_surgical.model import load_tokenizer
 
@@ -62,7 +62,7 @@ def test_llama2_prompt_and_response_only_mask(tokenizer):
     assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
     batch = collate(encode_records(inline_records([{"instruction": "Write add", "response": "def add(a, b): ..."}],
                                                   "x"), fmt, 512, "truncate", True).samples, 512)
-    learned = batch.targets[0][batch.mask[0] > 0]
+    learned = batch.learned_targets()
     assert list(learned) == ids[start:]
 
 
@@ -89,7 +89,9 @@ def test_batch_order_is_a_function_of_seed_and_position(tokenizer):
     epoch = [i for p in range(a.per_epoch) for i in a.indices(p)]
     assert sorted(epoch) == list(range(len(samples)))
     assert [a.indices(p) for p in range(a.per_epoch)] != [a.indices(p) for p in range(a.per_epoch, 2 * a.per_epoch)]
-    assert np.all(a.batch(0).inputs.shape[1] % 32 == 0)
+    batch = a.batch(0)
+    assert batch.inputs.shape[1] % PAD_MULTIPLE == 0 and batch.loss_index.size % LOSS_SLOTS_MULTIPLE == 0
+    assert batch.loss_weight.sum() == sum(len(samples[i].ids) - samples[i].loss_start for i in a.indices(0))
 
 
 def test_json_list_files_are_read(tmp_path):

@@ -17,12 +17,13 @@ from mlx_surgical.callbacks import Checkpointer
 from mlx_surgical.checkpoint import TrainState, latest_checkpoint
 from mlx_surgical.config import LoraConfig, TrainingConfig, save_config
 from mlx_surgical.data import Sample, collate
+from mlx_surgical.loss import training_loss
 from mlx_surgical.model import load_model
 from mlx_surgical.pipeline import train_run
 from mlx_surgical.plan import lora_parameter_count, schedule_for
 from mlx_surgical.surgery import attach_lora
 from mlx_surgical.train import (LoopSettings, TrainingDiverged, learning_rate_schedule, make_optimizer,
-                                masked_cross_entropy, train)
+                                train)
 
 
 def lora_weights(model) -> dict:
@@ -39,7 +40,7 @@ def run_updates(tiny_model, batches, accum, updates):
     loaded = fresh_lora_model(tiny_model)
     optimizer = make_optimizer(1e-2, 0.01)
     optimizer.init(loaded.model.trainable_parameters())
-    train(loaded.model, optimizer, masked_cross_entropy, lambda position: batches[position],
+    train(loaded.model, optimizer, training_loss(loaded.model), lambda position: batches[position],
           LoopSettings(updates, accum, eval_every=10 ** 9), TrainState())
     return lora_weights(loaded.model)
 
@@ -92,9 +93,9 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tiny_model, 
     good = collate([Sample(np.arange(3, 40, dtype=np.int32), 5, "good")], 512)
     poisoned = collate([Sample(np.arange(4, 41, dtype=np.int32), 5, "poisoned")], 512)
 
-    def loss_that_diverges(model, inputs, targets, mask):
+    def loss_that_diverges(model, inputs, *rest):
         # The step is compiled, so the NaN must come from the data, not from Python state.
-        loss, ntoks = masked_cross_entropy(model, inputs, targets, mask)
+        loss, ntoks = training_loss(model)(model, inputs, *rest)
         return mx.where(inputs[0, 0] == 4, mx.array(float("nan")), loss), ntoks
 
     checkpointer = Checkpointer(tmp_path, loaded.model, optimizer, {"fine_tune_type": "lora"}, save_every=2, keep=2)

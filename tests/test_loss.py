@@ -1,0 +1,94 @@
+"""The optimised training loss (response positions only, chunked logits, CPU-fast math) must
+give the same loss and gradients as the plain path: mlx-lm's forward, full logits, MLX's
+cross-entropy."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten, tree_unflatten
+
+from mlx_surgical import loss as loss_module
+from mlx_surgical.config import LoraConfig
+from mlx_surgical.data import Sample, collate
+from mlx_surgical.forward import fast_exp
+from mlx_surgical.loss import full_logits_cross_entropy, response_cross_entropy
+from mlx_surgical.model import load_model
+from mlx_surgical.surgery import attach_lora
+from mlx_surgical.tiny import TinyShape, build_tiny_model
+
+
+def lora_model(model_dir):
+    loaded = load_model(str(model_dir), dtype="float32")
+    attach_lora(loaded.model, LoraConfig(dropout=0.0), seed=0)
+    # Non-zero B matrices, so the LoRA path changes the forward pass and gets real gradients.
+    rng = np.random.default_rng(1)
+    loaded.model.update(tree_unflatten([
+        (name, mx.array(rng.normal(0, 0.05, p.shape).astype(np.float32)))
+        for name, p in tree_flatten(loaded.model.trainable_parameters()) if name.endswith("lora_b")]))
+    return loaded.model
+
+
+def ragged_batch(vocab_size):
+    """Three examples of different lengths and prompt lengths: padding in width and in loss slots."""
+    rng = np.random.default_rng(0)
+    samples = [Sample(rng.integers(3, vocab_size, n).astype(np.int32), start, f"s{n}")
+               for n, start in ((41, 7), (29, 20), (53, 1))]
+    return collate(samples, 512)
+
+
+def loss_and_grads(model, loss_fn, batch):
+    (total, count), grads = nn.value_and_grad(model, loss_fn)(model, *map(mx.array, batch.loss_inputs()))
+    return total.item(), count.item(), dict(tree_flatten(grads))
+
+
+@pytest.fixture(scope="module", params=["untied", "tied"])
+def model_dir(request, tmp_path_factory):
+    shape = TinyShape(tie_embeddings=request.param == "tied")  # 4 query heads over 2 KV heads (GQA)
+    return build_tiny_model(tmp_path_factory.mktemp("loss") / request.param, shape)
+
+
+@pytest.mark.parametrize("fast_math,grad_checkpoint", [(True, False), (False, False), (True, True), (False, True)])
+def test_response_loss_equals_full_logits_loss(model_dir, fast_math, grad_checkpoint, monkeypatch):
+    monkeypatch.setattr(loss_module, "LOSS_CHUNK_ELEMENTS", 16 * 512)  # 16-row chunks, the last one partial
+    model = lora_model(model_dir)
+    batch = ragged_batch(model.args.vocab_size)
+    assert batch.inputs.shape[1] > 52 and batch.loss_index.size > batch.loss_weight.sum()
+
+    plain_loss, plain_count, plain_grads = loss_and_grads(model, full_logits_cross_entropy, batch)
+    fused = lambda m, *a: response_cross_entropy(m, *a, fast_math=fast_math, grad_checkpoint=grad_checkpoint)  # noqa: E731
+    loss, count, grads = loss_and_grads(model, fused, batch)
+
+    assert count == plain_count == 34 + 9 + 52  # positions loss_start - 1 .. n - 2 of each
+    assert loss == pytest.approx(plain_loss, rel=1e-5)
+    assert grads.keys() == plain_grads.keys() and len(grads) == 2 * 3 * model.args.num_hidden_layers
+    for name, g in plain_grads.items():
+        scale = float(mx.abs(g).max())
+        assert scale > 0, name
+        np.testing.assert_allclose(np.array(grads[name]), np.array(g), atol=1e-4 * scale, err_msg=name)
+
+
+def test_compiled_step_matches_the_plain_path(model_dir):
+    """The training loop compiles the step; the compiled fused loss gives the same numbers."""
+    model = lora_model(model_dir)
+    batch = ragged_batch(model.args.vocab_size)
+    fused = lambda m, *a: response_cross_entropy(m, *a, fast_math=True)  # noqa: E731
+    value_and_grad = nn.value_and_grad(model, fused)
+    step = mx.compile(lambda *a: value_and_grad(model, *a), inputs=[model.state], outputs=[model.state])
+    (total, _), grads = step(*map(mx.array, batch.loss_inputs()))
+    plain_loss, _, plain_grads = loss_and_grads(model, full_logits_cross_entropy, batch)
+    assert total.item() == pytest.approx(plain_loss, rel=1e-5)
+    for name, g in tree_flatten(grads):
+        np.testing.assert_allclose(np.array(g), np.array(plain_grads[name]),
+                                   atol=1e-4 * float(mx.abs(plain_grads[name]).max()), err_msg=name)
+
+
+def test_fast_exp_matches_exp_and_keeps_nan():
+    """Within 1e-5 over the whole float32 range; below it, zero for practical purposes."""
+    x = np.concatenate([np.linspace(-87, 88, 20001), [-1e9, -200.0, 0.0]]).astype(np.float32)
+    got = np.array(mx.compile(fast_exp)(mx.array(x)))
+    want = np.exp(x.astype(np.float64))
+    normal = want > 1e-37
+    np.testing.assert_allclose(got[normal], want[normal], rtol=1e-5)
+    assert np.all(got[~normal] < 1e-37)
+    assert np.isnan(np.array(fast_exp(mx.array([np.nan], mx.float32)))).all()
