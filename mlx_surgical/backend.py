@@ -83,6 +83,31 @@ def ensure_fast_blas() -> None:
         reexec(env)
 
 
+def keep_freed_memory() -> None:
+    """Let glibc keep freed memory for reuse instead of returning it to the OS.
+
+    A training step frees and re-allocates the same few hundred MB every step. glibc serves
+    large blocks with mmap and trims its heap eagerly, so each step gets fresh zeroed pages:
+    1.2 million page faults in a 128-example benchmark here, with a quarter of the CPU time in
+    the kernel. Serving blocks up to 32 MB (glibc's maximum) from the heap and not trimming it
+    cut the faults five-fold and made training 10% faster; peak memory is unchanged, as the
+    same peak is reached either way."""
+    import ctypes
+    import ctypes.util
+
+    import mlx.core as mx
+
+    if platform.system() != "Linux" or mx.default_device() != mx.cpu:
+        return
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    except (OSError, AttributeError):  # not glibc: musl has no mallopt
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024)
+    mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)
+
+
 def measure_sgemm_gflops(n: int = 512, repeats: int = 20) -> float:
     """float32 matrix multiply throughput of MLX's default device, as used by training."""
     import time

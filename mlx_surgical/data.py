@@ -232,14 +232,16 @@ def split_records(data_config, split: str, source_dir: Optional[Path] = None) ->
 
 # --- batching -------------------------------------------------------------------------------
 
-# Batches are padded to a multiple of PAD_MULTIPLE tokens and their learned positions to a
-# multiple of LOSS_SLOTS_MULTIPLE, so the compiled step is traced once per bucket, not per step.
-PAD_MULTIPLE = 16
-LOSS_SLOTS_MULTIPLE = 32
+def bucket(length: int) -> int:
+    """Round a batch width (or its count of learned positions) up to a bucket: a multiple of 8
+    up to 256, beyond that of 1/16 of the power of two below it. Padding stays under 6% (3% on
+    average) and the compiled step sees at most 16 shapes per doubling of length."""
+    step = max(8, 1 << max(length.bit_length() - 5, 0))
+    return -(-max(length, 1) // step) * step
 
 
 def padded_length(length: int, max_seq_length: int) -> int:
-    return min(-(-length // PAD_MULTIPLE) * PAD_MULTIPLE, max_seq_length)
+    return min(bucket(length), max_seq_length)
 
 
 def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int) -> list[list[int]]:
@@ -276,7 +278,7 @@ class Batch:
 
 def collate(samples: list[Sample], max_seq_length: int) -> Batch:
     """Pad a list of samples to one width and list the positions whose next token is learned;
-    both are rounded up to a bucket (see PAD_MULTIPLE)."""
+    both are rounded up to a bucket, so the compiled step is traced once per bucket."""
     width = padded_length(max(len(s.ids) for s in samples) - 1, max_seq_length)
     inputs = np.zeros((len(samples), width), np.int32)
     targets = np.zeros((len(samples), width), np.int32)
@@ -287,7 +289,7 @@ def collate(samples: list[Sample], max_seq_length: int) -> Batch:
         targets[row, :n] = s.ids[1:]
         learned.append(row * width + np.arange(max(s.loss_start - 1, 0), n))
     learned = np.concatenate(learned).astype(np.int32)
-    slots = min(-(-max(len(learned), 1) // LOSS_SLOTS_MULTIPLE) * LOSS_SLOTS_MULTIPLE, inputs.size)
+    slots = min(bucket(len(learned)), inputs.size)
     loss_index = np.zeros(slots, np.int32)
     loss_weight = np.zeros(slots, np.float32)
     loss_index[:len(learned)] = learned

@@ -109,6 +109,7 @@ def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[
     from every rank to resume)."""
     import mlx.core as mx
 
+    from .backend import keep_freed_memory
     from .callbacks import Checkpointer, ConsoleProgress, MetricsFile, plot_losses
     from .loss import training_loss
     from .train import (LoopSettings, TrainingDiverged, TrainingInterrupted, evaluate, learning_rate_schedule,
@@ -196,6 +197,7 @@ def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[
         + (f"; {ranks} ranks, {t.batch_size // ranks} examples each per micro-batch" if ranks > 1 else ""))
 
     loss_fn = training_loss(loaded.model, t.grad_checkpoint)
+    keep_freed_memory()
 
     def validation_loss():
         return evaluate(loaded.model, loss_fn,

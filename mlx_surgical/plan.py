@@ -174,7 +174,7 @@ def plan_run(config: RunConfig, probe: bool = True, ranks: int = 1) -> dict:
     examples, tokens, longest, counted = count_examples(config)
     schedule = schedule_for(examples, config.training)
     dtype_bytes = 4 if config.model.dtype == "float32" else 2
-    # Padding rounds a batch up to a bucket of data.PAD_MULTIPLE tokens.
+    # Padding rounds a batch up to a bucket (data.bucket).
     seq_len = padded_length(longest, config.training.max_seq_length) if longest else None
     # Memory is per rank: each holds the whole model and its share of the batch.
     memory = memory_estimate(shape, lora_params, replace(t, batch_size=t.batch_size // ranks), dtype_bytes, seq_len)

@@ -58,12 +58,41 @@ def adapter_config(lora: LoraConfig, shape: ModelShape, base_model: str, prompt:
     }
 
 
+class HashDropout(nn.Module):
+    """Dropout whose mask comes from hashing each element's index with one random draw.
+
+    Same distribution and scaling as nn.Dropout, but MLX's per-element threefry costs ~6 ns an
+    element on the CPU backend (4% of a training step on q/k/v); a multiply-xorshift hash is a
+    few integer operations that mx.compile fuses. The draw comes from MLX's random state, so
+    seeding and exact resume work as before."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+        self._threshold = min(int(round(p * 2 ** 32)), 2 ** 32 - 1)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if not self.training or self.p == 0:
+            return x
+        key = mx.random.randint(0, 2 ** 31 - 1, (), dtype=mx.int32).astype(mx.uint32)
+        h = mx.arange(x.size, dtype=mx.uint32).reshape(x.shape) * 0x9E3779B1 + key
+        # murmur3's finaliser: every input bit flips about half of the output bits.
+        h = (h ^ (h >> 16)) * 0x85EBCA6B
+        h = (h ^ (h >> 13)) * 0xC2B2AE35
+        h = h ^ (h >> 16)
+        return mx.where(h >= self._threshold, x * (1.0 / (1.0 - self.p)), 0.0).astype(x.dtype)
+
+
 def attach_lora(model: nn.Module, lora: LoraConfig, seed: int) -> int:
     """Freeze the base and wrap the target projections; returns the trainable parameter count."""
     model.freeze()
     mx.random.seed(seed)
     num_layers = adapted_layer_count(lora, len(model.layers))
     linear_to_lora_layers(model, num_layers, lora_parameters(lora))
+    if lora.dropout > 0:
+        for _, module in model.named_modules():
+            if isinstance(module, LoRALinear):
+                module.dropout = HashDropout(lora.dropout)
     return trainable_parameter_count(model)
 
 

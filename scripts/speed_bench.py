@@ -31,12 +31,12 @@ ensure_fast_blas()  # before mlx is imported, like the CLI
 
 from mlx_surgical.config import config_from_dict  # noqa: E402
 from mlx_surgical.data import PromptFormat, read_records, sample_path, to_messages  # noqa: E402
-from mlx_surgical.tiny import QUICKSTART_SHAPE, TinyShape, build_tiny_model  # noqa: E402
+from mlx_surgical.tiny import TinyShape, build_tiny_model  # noqa: E402
 
 MODELS = {
     "small": TinyShape(layers=8, hidden_size=512, intermediate_size=1376, heads=8, kv_heads=8, vocab_size=32016,
                        tie_embeddings=True),
-    "tiny": QUICKSTART_SHAPE,
+    "tiny": TinyShape(),  # 2 layers, hidden 64: per-step overhead dominates
 }
 WARMUP_UPDATES, ACCUM, LR, MAX_LEN = 2, 4, 1e-4, 512
 

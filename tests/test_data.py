@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from mlx_surgical.data import (LOSS_SLOTS_MULTIPLE, PAD_MULTIPLE, BatchStream, PromptFormat, collate, encode_records,
-                               inline_records, read_records, sample_path, to_messages)
+from mlx_surgical.data import (BatchStream, PromptFormat, bucket, collate, encode_records, inline_records,
+                               read_records, sample_path, to_messages)
 from mlx_surgical.errors import UserError
 from mlx_surgical.model import load_tokenizer
 
@@ -90,7 +90,7 @@ def test_batch_order_is_a_function_of_seed_and_position(tokenizer):
     assert sorted(epoch) == list(range(len(samples)))
     assert [a.indices(p) for p in range(a.per_epoch)] != [a.indices(p) for p in range(a.per_epoch, 2 * a.per_epoch)]
     batch = a.batch(0)
-    assert batch.inputs.shape[1] % PAD_MULTIPLE == 0 and batch.loss_index.size % LOSS_SLOTS_MULTIPLE == 0
+    assert batch.inputs.shape[1] == bucket(batch.inputs.shape[1]) and batch.loss_index.size == bucket(batch.loss_index.size)
     assert batch.loss_weight.sum() == sum(len(samples[i].ids) - samples[i].loss_start for i in a.indices(0))
 
 
@@ -113,3 +113,9 @@ def test_the_chat_template_is_used_when_the_tokenizer_has_one(tiny_model):
     assert tokenizer.decode(ids[start:]).startswith("def add(a, b): ...")
     assert ids[-1] == tokenizer.eos_token_id
     assert PromptFormat(tokenizer, "llama2").style == "llama2"
+
+
+def test_buckets_bound_padding_and_shapes():
+    widths = [bucket(n) for n in range(1, 4097)]
+    assert all(b >= n and b - n <= max(7, n / 16) for n, b in zip(range(1, 4097), widths))
+    assert len(set(b for b in widths if 1024 < b <= 2048)) == 16

@@ -21,7 +21,7 @@ from mlx_surgical.loss import training_loss
 from mlx_surgical.model import load_model
 from mlx_surgical.pipeline import train_run
 from mlx_surgical.plan import lora_parameter_count, schedule_for
-from mlx_surgical.surgery import attach_lora
+from mlx_surgical.surgery import HashDropout, attach_lora
 from mlx_surgical.train import (LoopSettings, TrainingDiverged, learning_rate_schedule, make_optimizer,
                                 train)
 
@@ -84,6 +84,25 @@ def test_trainable_parameters_are_exactly_the_target_projections(tiny_model):
     assert {n.split(".")[-1] for n in names} == {"lora_a", "lora_b"}
     last_one = load_model(str(tiny_model))
     assert attach_lora(last_one.model, LoraConfig(layers=1), seed=0) == count // loaded.shape.num_layers
+
+
+def test_lora_dropout_drops_the_configured_fraction_and_is_seeded(tiny_model):
+    loaded = load_model(str(tiny_model))
+    attach_lora(loaded.model, LoraConfig(dropout=0.2), seed=0)
+    dropouts = [m for _, m in loaded.model.named_modules() if isinstance(m, HashDropout)]
+    assert len(dropouts) == 3 * loaded.shape.num_layers
+    dropout, x = dropouts[0], mx.ones((400, 500))
+    mx.random.seed(3)
+    first = np.array(dropout(x))
+    mx.random.seed(3)
+    assert np.array_equal(np.array(dropout(x)), first)
+    assert not np.array_equal(np.array(dropout(x)), first)
+    assert abs((first == 0).mean() - 0.2) < 0.005 and np.allclose(first[first > 0], 1 / 0.8)
+    # Neighbouring elements are not correlated (the hash mixes the index well).
+    kept = (first > 0).ravel().astype(float)
+    assert abs(np.corrcoef(kept[:-1], kept[1:])[0, 1]) < 0.01
+    dropout.eval()
+    assert np.array_equal(np.array(dropout(x)), np.array(x))
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tiny_model, tmp_path):
