@@ -102,34 +102,41 @@ def weight_bytes(shape: ModelShape, dtype_bytes: int = 2) -> int:
 
 
 def activation_bytes(shape: ModelShape, tokens_per_batch: int, seq_len: int, batch: int, dtype_bytes: int,
-                     checkpointing: bool) -> int:
+                     checkpointing: bool, cpu_math: bool) -> int:
     """What the backward pass keeps: per layer and token, the inputs and outputs of the norms,
     projections and SwiGLU (about 10 hidden-sized and 4 intermediate-sized vectors), plus the
     attention probabilities (heads x L x L); and one chunk of float32 logits with its
     exponentials and probabilities (see loss.py). With checkpointing only each layer's input is
-    kept, plus one layer recomputed."""
+    kept, plus one layer recomputed. MLX's CPU path (forward.py) keeps one float32 copy of the
+    probabilities, but its exp briefly holds about six score-sized arrays for the layer at hand."""
     h, i = shape.hidden_size, shape.intermediate_size
     per_token_layer = (10 * h + 4 * i) * dtype_bytes
-    attention = 2 * shape.num_heads * seq_len * seq_len * batch * dtype_bytes
+    scores = shape.num_heads * seq_len * seq_len * batch
+    attention = scores * 4 if cpu_math else 2 * scores * dtype_bytes
+    transient = 6 * scores * 4 if cpu_math else 0
     per_layer = tokens_per_batch * per_token_layer + attention
     logits = 5 * min(tokens_per_batch * shape.vocab_size, LOSS_CHUNK_ELEMENTS) * 4
     if checkpointing:
-        return int(shape.num_layers * tokens_per_batch * h * dtype_bytes + per_layer + logits)
-    return int(shape.num_layers * per_layer + logits)
+        return int(shape.num_layers * tokens_per_batch * h * dtype_bytes + per_layer + logits + transient)
+    return int(shape.num_layers * per_layer + logits + transient)
 
 
 def memory_estimate(shape: ModelShape, lora_params: int, training: TrainingConfig, dtype_bytes: int,
-                    seq_len: Optional[int] = None) -> dict:
+                    seq_len: Optional[int] = None, cpu_math: Optional[bool] = None) -> dict:
     """Peak training memory; activations for batches of `seq_len` tokens (default: the
-    worst case, max_seq_length)."""
+    worst case, max_seq_length), on this machine's MLX device unless cpu_math says."""
+    if cpu_math is None:
+        from .forward import uses_fast_math
+
+        cpu_math = uses_fast_math()
     seq_len = seq_len or training.max_seq_length
     tokens = training.batch_size * seq_len
     base = weight_bytes(shape, dtype_bytes)
     lora = 4 * lora_params  # float32
     grads = 2 * 4 * lora_params  # this micro-batch's and the accumulated gradients
     adam = 2 * 4 * lora_params  # first and second moments
-    acts = activation_bytes(shape, tokens, seq_len, training.batch_size, dtype_bytes, False)
-    acts_ckpt = activation_bytes(shape, tokens, seq_len, training.batch_size, dtype_bytes, True)
+    acts = activation_bytes(shape, tokens, seq_len, training.batch_size, dtype_bytes, False, cpu_math)
+    acts_ckpt = activation_bytes(shape, tokens, seq_len, training.batch_size, dtype_bytes, True, cpu_math)
     chosen = acts_ckpt if training.grad_checkpoint else acts
     return {
         "base_weights_gb": base / GB, "lora_weights_gb": lora / GB, "gradients_gb": grads / GB,

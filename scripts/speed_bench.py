@@ -170,7 +170,7 @@ def main():
         from mlx_lm.utils import load
 
         params = sum(v.size for _, v in tree_flatten(load(str(model_dir))[0].parameters()))
-    gflops = measure_sgemm_gflops(1024, 10)
+    gflops = max(measure_sgemm_gflops(1024, 10) for _ in range(3))  # best of three: the machine is shared
     ceiling = gflops * 1e9 / (4 * params)  # forward + input-gradient backward, frozen weights
     facts = describe()
     print(f"machine: {facts['os']}, {os.cpu_count()} cores, MLX {facts['mlx']} {facts['backend']}, {facts['blas']}")
