@@ -90,7 +90,8 @@ def test_batch_order_is_a_function_of_seed_and_position(tokenizer):
     assert sorted(epoch) == list(range(len(samples)))
     assert [a.indices(p) for p in range(a.per_epoch)] != [a.indices(p) for p in range(a.per_epoch, 2 * a.per_epoch)]
     batch = a.batch(0)
-    assert batch.inputs.shape[1] == bucket(batch.inputs.shape[1]) and batch.loss_index.size == bucket(batch.loss_index.size)
+    width, slots = batch.inputs.shape[1], batch.loss_index.size
+    assert width == bucket(width) and slots == bucket(slots)
     assert batch.loss_weight.sum() == sum(len(samples[i].ids) - samples[i].loss_start for i in a.indices(0))
 
 

@@ -2,6 +2,8 @@
 give the same loss and gradients as the plain path: mlx-lm's forward, full logits, MLX's
 cross-entropy."""
 
+from functools import partial
+
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
@@ -56,7 +58,7 @@ def test_response_loss_equals_full_logits_loss(model_dir, fast_math, grad_checkp
     assert batch.inputs.shape[1] > 52 and batch.loss_index.size > batch.loss_weight.sum()
 
     plain_loss, plain_count, plain_grads = loss_and_grads(model, full_logits_cross_entropy, batch)
-    fused = lambda m, *a: response_cross_entropy(m, *a, fast_math=fast_math, grad_checkpoint=grad_checkpoint)  # noqa: E731
+    fused = partial(response_cross_entropy, fast_math=fast_math, grad_checkpoint=grad_checkpoint)
     loss, count, grads = loss_and_grads(model, fused, batch)
 
     assert count == plain_count == 34 + 9 + 52  # positions loss_start - 1 .. n - 2 of each
@@ -72,7 +74,7 @@ def test_compiled_step_matches_the_plain_path(model_dir):
     """The training loop compiles the step; the compiled fused loss gives the same numbers."""
     model = lora_model(model_dir)
     batch = ragged_batch(model.args.vocab_size)
-    fused = lambda m, *a: response_cross_entropy(m, *a, fast_math=True)  # noqa: E731
+    fused = partial(response_cross_entropy, fast_math=True)
     value_and_grad = nn.value_and_grad(model, fused)
     step = mx.compile(lambda *a: value_and_grad(model, *a), inputs=[model.state], outputs=[model.state])
     (total, _), grads = step(*map(mx.array, batch.loss_inputs()))
