@@ -167,7 +167,7 @@ def count_examples(config: RunConfig) -> tuple[int, Optional[int], Optional[int]
                                  config.data.mask_prompt)
         longest = max((len(s.ids) for s in encoded.samples), default=None)
         return len(encoded.samples), encoded.tokens, longest, "tokenized"
-    return len(records), None, None, "counted (tokenizer not local: lengths unchecked)"
+    return len(records), None, None, "counted; the tokenizer is not local, so lengths are unchecked"
 
 
 def plan_run(config: RunConfig, probe: bool = True, ranks: int = 1) -> dict:
