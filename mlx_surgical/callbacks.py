@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from .checkpoint import (BEST_DIR, METRICS, TrainState, save_checkpoint, write_adapter)
+from .checkpoint import BEST_DIR, METRICS, TrainState, read_jsonl, save_checkpoint, write_adapter
 from .surgery import adapter_weights
 
 
@@ -96,7 +96,7 @@ def plot_losses(metrics_path: Path, out_path: Path) -> Optional[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
+    rows = read_jsonl(metrics_path)
     train = [(r["update"], r["loss"]) for r in rows if "loss" in r]
     valid = [(r["update"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
     if not train:

@@ -201,6 +201,14 @@ def config_from_dict(raw: Any, source: str = "config") -> RunConfig:
     return config
 
 
+def per_rank_batch(training: TrainingConfig, ranks: int, where: str = "training.batch_size") -> int:
+    """The examples each of `ranks` data-parallel ranks takes from every global batch."""
+    if ranks < 1 or training.batch_size % ranks:
+        raise UserError(f"{where}: the global batch of {training.batch_size} does not split evenly over {ranks} "
+                        f"ranks; use a multiple of {ranks} for training.batch_size")
+    return training.batch_size // ranks
+
+
 def value_problems(c: RunConfig, source: str) -> list[str]:
     """Range and consistency checks that the types alone cannot express."""
     p = []

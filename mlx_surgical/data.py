@@ -269,9 +269,6 @@ class Batch:
         """The arrays every loss in `loss.py` takes after the model."""
         return self.inputs, self.targets, self.loss_index, self.loss_weight
 
-    def learned_targets(self) -> np.ndarray:
-        return self.targets.reshape(-1)[self.loss_index[self.loss_weight > 0]]
-
     def without_loss(self) -> "Batch":
         return Batch(self.inputs, self.targets, self.loss_index, np.zeros_like(self.loss_weight), 0)
 

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
-from .checkpoint import TrainState, write_json_atomic
+from .checkpoint import TrainState, read_jsonl, write_json_atomic
 from .config import RunConfig, config_from_dict
 from .errors import NotFound, UserError
 
@@ -61,10 +61,7 @@ class JobStore:
         return sorted(jobs, key=lambda j: j["seq"])
 
     def events(self, job_id: str) -> list[dict]:
-        path = self.path(job_id) / EVENTS_FILE
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return read_jsonl(self.path(job_id) / EVENTS_FILE)
 
     def create(self, config: RunConfig) -> dict:
         """A queued job for a config already through prepare_config."""

@@ -17,8 +17,8 @@ from typing import Callable, Optional
 
 from . import __version__
 from .checkpoint import (LOSS_PLOT, METRICS, RUN_CONFIG, RUN_INFO, TrainState, latest_checkpoint,
-                         load_checkpoint, write_adapter, write_json_atomic, write_text_atomic)
-from .config import RunConfig, config_from_dict, save_config
+                         load_checkpoint, read_jsonl, write_adapter, write_json_atomic, write_text_atomic)
+from .config import RunConfig, config_from_dict, per_rank_batch, save_config
 from .data import BatchStream, EncodedData, PromptFormat, encode_records, eval_batches, split_records
 from .errors import UserError
 from .model import is_local, load_model, load_tokenizer
@@ -118,9 +118,7 @@ def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[
     t_start = time.perf_counter()
     world = mx.distributed.init()
     ranks, primary = world.size(), world.rank() == 0
-    if config.training.batch_size % ranks:
-        raise UserError(f"training.batch_size: the global batch of {config.training.batch_size} does not split "
-                        f"evenly over {ranks} ranks; use a multiple of {ranks}")
+    per_rank = per_rank_batch(config.training, ranks)
     if not primary:
         log, progress, callbacks = (lambda _: None), False, ()
 
@@ -194,7 +192,7 @@ def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[
     log(f"run {run_dir}: {trainable:,} trainable parameters, {len(train_data.samples)} examples, "
         f"{schedule.updates} optimizer updates ({schedule.epochs:g} epochs x {schedule.micro_batches_per_epoch} "
         f"micro-batches / {t.grad_accumulation_steps} accumulation steps)"
-        + (f"; {ranks} ranks, {t.batch_size // ranks} examples each per micro-batch" if ranks > 1 else ""))
+        + (f"; {ranks} ranks, {per_rank} examples each per micro-batch" if ranks > 1 else ""))
 
     loss_fn = training_loss(loaded.model, t.grad_checkpoint)
     keep_freed_memory()
@@ -236,7 +234,7 @@ def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[
 
     if primary:
         write_adapter(run_dir, adapter_weights(loaded.model), adapter_cfg)
-    losses = [r["loss"] for r in _read_metrics(run_dir / METRICS) if "loss" in r]
+    losses = [r["loss"] for r in read_jsonl(run_dir / METRICS) if "loss" in r]
     info["final"] = {"loss": losses[-1] if losses else None, "val_loss": result.final_val_loss}
     if primary:
         info["checksums"] = checksums(run_dir)
@@ -245,15 +243,9 @@ def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[
                      losses[-1] if losses else None, result.final_val_loss, state.best_val_loss)
 
 
-def _read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def _truncate_metrics(path: Path, update: int) -> None:
     """Drop rows written after the checkpoint we resume from; they will be written again."""
-    rows = [r for r in _read_metrics(path) if r["update"] <= update]
+    rows = [r for r in read_jsonl(path) if r["update"] <= update]
     write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 

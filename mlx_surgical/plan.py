@@ -7,11 +7,10 @@ is checked against what surgery attaches, so the plan's numbers are the run's nu
 """
 
 from dataclasses import asdict, dataclass, replace
-import json
 from typing import Optional
 
-from .checkpoint import METRICS
-from .config import LoraConfig, RunConfig, TrainingConfig
+from .checkpoint import METRICS, read_jsonl
+from .config import LoraConfig, RunConfig, TrainingConfig, per_rank_batch
 from .data import PromptFormat, encode_records, padded_length, split_records
 from .errors import UserError
 from .loss import LOSS_CHUNK_ELEMENTS
@@ -173,9 +172,7 @@ def count_examples(config: RunConfig) -> tuple[int, Optional[int], Optional[int]
 def plan_run(config: RunConfig, probe: bool = True, ranks: int = 1) -> dict:
     """The plan for `config`; with ranks > 1, for data-parallel training under mlx.launch."""
     t = config.training
-    if ranks < 1 or t.batch_size % ranks:
-        raise UserError(f"--ranks: the global batch of {t.batch_size} (training.batch_size) does not split "
-                        f"evenly over {ranks} ranks")
+    per_rank = per_rank_batch(t, ranks, "--ranks")
     shape, shape_source = resolve_shape(config)
     lora_params = lora_parameter_count(shape, config.lora)
     examples, tokens, longest, counted = count_examples(config)
@@ -184,7 +181,7 @@ def plan_run(config: RunConfig, probe: bool = True, ranks: int = 1) -> dict:
     # Padding rounds a batch up to a bucket (data.bucket).
     seq_len = padded_length(longest, config.training.max_seq_length) if longest else None
     # Memory is per rank: each holds the whole model and its share of the batch.
-    memory = memory_estimate(shape, lora_params, replace(t, batch_size=t.batch_size // ranks), dtype_bytes, seq_len)
+    memory = memory_estimate(shape, lora_params, replace(t, batch_size=per_rank), dtype_bytes, seq_len)
     memory["machine_gb"] = machine_memory_gb()
     plan = {
         "model": {"path": config.model.path, "shape": shape.describe(), "from": shape_source,
@@ -196,7 +193,7 @@ def plan_run(config: RunConfig, probe: bool = True, ranks: int = 1) -> dict:
         "trainable_share": lora_params / shape.parameter_count,
         "adapter_size_bytes": {"float32": 4 * lora_params, "float16": 2 * lora_params},
         "memory": memory,
-        "batch": {"global": t.batch_size, "ranks": ranks, "per_rank": t.batch_size // ranks,
+        "batch": {"global": t.batch_size, "ranks": ranks, "per_rank": per_rank,
                   "accumulation_steps": t.grad_accumulation_steps,
                   "examples_per_update": t.batch_size * t.grad_accumulation_steps},
         "schedule": {**schedule.to_dict(), "examples_counted": counted, "train_tokens": tokens,
@@ -226,7 +223,7 @@ def probe_seconds_per_update(config: RunConfig, updates: int = 3) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         probe.output.dir, probe.output.name = tmp, "probe"
         result = train_run(probe, progress=False, log=lambda _: None)
-        rows = [json.loads(line) for line in (result.run_dir / METRICS).read_text().splitlines()][1:]
+        rows = read_jsonl(result.run_dir / METRICS)[1:]
     return sum(r["seconds"] for r in rows) / len(rows)
 
 

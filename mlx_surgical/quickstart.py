@@ -1,12 +1,11 @@
 """The whole pipeline on the embedded default: build the tiny model, train surgical LoRA on
 the bundled data with configs/tiny.json, and compare base and adapted answers."""
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from .checkpoint import METRICS
+from .checkpoint import METRICS, read_jsonl
 from .config import load_config, preset_path
 from .data import read_records, sample_path, to_messages
 from .pipeline import RunResult, train_run
@@ -44,8 +43,7 @@ def run_quickstart(out_dir: str = "adapters", model_dir: str = TINY_MODEL_DIR, e
     if epochs is not None:
         config.training.epochs = epochs
     run = train_run(config, config_name="quickstart", progress=progress, log=log)
-    losses = [json.loads(line)["loss"] for line in (run.run_dir / METRICS).read_text().splitlines()
-              if '"loss"' in line]
+    losses = [r["loss"] for r in read_jsonl(run.run_dir / METRICS) if "loss" in r]
     per_epoch = max(1, len(losses) // (config.training.epochs or 1))
     last_epoch_loss = sum(losses[-per_epoch:]) / len(losses[-per_epoch:])
 

@@ -98,10 +98,9 @@ def create_app(workspace: Path, token: Optional[str] = None, max_body: int = DEF
 
     @app.get("/api/training/jobs/{job_id}/metrics")
     async def metrics(job_id: str):
-        from .checkpoint import METRICS
+        from .checkpoint import METRICS, read_jsonl
 
-        path = Path(store.get(job_id)["run_dir"]) / METRICS
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        return read_jsonl(Path(store.get(job_id)["run_dir"]) / METRICS)
 
     @app.get("/api/training/jobs/{job_id}/events")
     async def events(job_id: str):

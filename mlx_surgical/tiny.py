@@ -152,8 +152,6 @@ TOKENIZER_CONFIG = {
 }
 
 
-# The quickstart's model: deeper and wider than the default so that rank-8 q/k/v adapters
-# have room to learn; about 1M parameters, still seconds per epoch on a CPU.
 # The quickstart's model: big enough that rank-8 LoRA on q/k/v alone visibly learns the bundled
 # pairs (16 epochs take the training loss from 6.7 to about a third), small enough to train in
 # about two minutes on two CPU cores. Narrower models, or grouped-query attention (smaller k/v
