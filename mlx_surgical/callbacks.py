@@ -1,11 +1,17 @@
 """Training callbacks: the console progress bar, the metrics file, checkpoints and the best
 adapter. The loop knows none of them; the pipeline picks which to pass."""
 
-import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
-from .checkpoint import BEST_DIR, METRICS, TrainState, read_jsonl, save_checkpoint, write_adapter
+from matplotlib.figure import Figure
+from tqdm.auto import tqdm
+
+from .adapter import AdapterConfig, write_adapter
+from .checkpoint import TrainState, save_checkpoint
+from .files import append_jsonl
+from .rundir import RunDir
 from .surgery import adapter_weights
 
 
@@ -18,8 +24,6 @@ class ConsoleProgress:
 
     def on_start(self, info: dict) -> None:
         if self.enabled:
-            from tqdm.auto import tqdm
-
             self.bar = tqdm(total=info["total_updates"], initial=info["update"], unit="update", dynamic_ncols=True)
 
     def on_update(self, report: dict, state: TrainState) -> None:
@@ -43,20 +47,19 @@ class ConsoleProgress:
 
 
 class MetricsFile:
-    """Appends one JSON line per update and per evaluation to metrics.jsonl."""
+    """Appends one JSON line per update and per evaluation to metrics.jsonl, and keeps the
+    losses of this session's updates for the run's summary."""
 
     def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / METRICS
-
-    def _write(self, row: dict) -> None:
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        self.path = RunDir(Path(run_dir)).metrics
+        self.losses: list[float] = []
 
     def on_update(self, report: dict, state: TrainState) -> None:
-        self._write(report)
+        append_jsonl(self.path, report)
+        self.losses.append(report["loss"])
 
     def on_eval(self, report: dict, state: TrainState, improved: bool) -> None:
-        self._write(report)
+        append_jsonl(self.path, report)
 
 
 class Checkpointer:
@@ -64,15 +67,15 @@ class Checkpointer:
     keeps the adapter at the top of the run directory current (so mlx-lm can load the latest
     at any time), and the best adapter by validation loss in best/."""
 
-    def __init__(self, run_dir: Path, model, optimizer, adapter_config: dict, save_every: int, keep: int):
-        self.run_dir = Path(run_dir)
+    def __init__(self, run_dir: Path, model, optimizer, adapter_config: AdapterConfig, save_every: int, keep: int):
+        self.run_dir = RunDir(Path(run_dir))
         self.model, self.optimizer = model, optimizer
         self.adapter_config = adapter_config
         self.save_every, self.keep = save_every, keep
 
     def save(self, state: TrainState) -> Path:
-        path = save_checkpoint(self.run_dir, self.model, self.optimizer, state, self.adapter_config, self.keep)
-        write_adapter(self.run_dir, adapter_weights(self.model), self.adapter_config)
+        path = save_checkpoint(self.run_dir.path, self.model, self.optimizer, state, self.adapter_config, self.keep)
+        write_adapter(self.run_dir.path, adapter_weights(self.model), self.adapter_config)
         return path
 
     def on_update(self, report: dict, state: TrainState) -> None:
@@ -81,27 +84,23 @@ class Checkpointer:
 
     def on_eval(self, report: dict, state: TrainState, improved: bool) -> None:
         if improved:
-            write_adapter(self.run_dir / BEST_DIR, adapter_weights(self.model),
-                          {**self.adapter_config, "update": state.update, "val_loss": report["val_loss"]})
+            write_adapter(self.run_dir.best, adapter_weights(self.model),
+                          replace(self.adapter_config, update=state.update, val_loss=report["val_loss"]))
 
     def on_stop(self, reason: str, state: TrainState) -> None:
         if reason == "interrupted":
             self.save(state)
 
 
-def plot_losses(metrics_path: Path, out_path: Path) -> Optional[Path]:
+def plot_losses(rows: list[dict], out_path: Path) -> Optional[Path]:
     """Training and validation loss against optimizer updates, as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = read_jsonl(metrics_path)
     train = [(r["update"], r["loss"]) for r in rows if "loss" in r]
     valid = [(r["update"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
     if not train:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4))
+    # A bare Figure (no pyplot): no GUI backend or global state, also without a display.
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     ax.plot(*zip(*train), label="training loss", linewidth=1)
     if valid:
         ax.plot(*zip(*valid), "o-", label="validation loss")
@@ -111,5 +110,4 @@ def plot_losses(metrics_path: Path, out_path: Path) -> Optional[Path]:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out_path, dpi=100)
-    plt.close(fig)
     return out_path

@@ -99,8 +99,8 @@ def _load_config_arg(config: str):
 @user_errors
 def train_cmd(config, resume_dir, no_progress):
     """Train a LoRA adapter from a JSON config (or resume a run)."""
+    from .errors import TrainingInterrupted
     from .pipeline import resume_run, train_run
-    from .train import TrainingInterrupted
 
     if (config is None) == (resume_dir is None):
         raise UserError("give a CONFIG to start a run, or --resume RUN_DIR to continue one")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from .errors import UserError, parse_user_json, read_user_text
+from .shape import PROJECTION_PATHS
 
 
 def option(default, help: str, **kwargs):
@@ -23,18 +24,6 @@ def option(default, help: str, **kwargs):
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
     return field(default=default, metadata={"help": help}, **kwargs)
-
-
-# Short projection names and where they live inside a Llama decoder layer.
-PROJECTION_PATHS = {
-    "q_proj": "self_attn.q_proj",
-    "k_proj": "self_attn.k_proj",
-    "v_proj": "self_attn.v_proj",
-    "o_proj": "self_attn.o_proj",
-    "gate_proj": "mlp.gate_proj",
-    "up_proj": "mlp.up_proj",
-    "down_proj": "mlp.down_proj",
-}
 
 
 @dataclass

@@ -6,15 +6,18 @@ name and renamed into place, and records where it came from in provenance.json.
 """
 
 import json
-import os
 import shutil
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
+import mlx_lm
+from mlx_lm.convert import convert
+
 from .errors import UserError
-from .model import check_llama_family, local_model_dir, read_model_config
+from .files import staged_directory
+from .model import local_model_dir
+from .shape import check_llama_family, read_model_config
 
 PROVENANCE = "provenance.json"
 
@@ -28,9 +31,6 @@ def convert_model(source: str, out: Optional[str | Path] = None, bits: Optional[
                   dtype: str = "float16", revision: Optional[str] = None, force: bool = False) -> Path:
     """source: a Hugging Face repo id or a local Hugging Face model directory. bits=None keeps
     the weights unquantized in `dtype`."""
-    import mlx_lm
-    from mlx_lm.convert import convert
-
     if bits not in (None, 4, 8):
         raise UserError(f"--bits: {bits} is not supported; use 4 or 8 (or none for {dtype} weights)")
     if group_size not in (32, 64, 128):
@@ -41,10 +41,7 @@ def convert_model(source: str, out: Optional[str | Path] = None, bits: Optional[
     model_dir = local_model_dir(source, revision, download=True)
     check_llama_family(read_model_config(model_dir), f"{source}: config.json")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    staging.rmdir()  # mlx-lm refuses to write into an existing directory
-    try:
+    with staged_directory(out, create=False) as staging:  # mlx-lm refuses an existing directory
         convert(str(model_dir), mlx_path=str(staging), quantize=bits is not None, q_bits=bits,
                 q_group_size=group_size if bits else None, dtype=dtype)
         provenance = {
@@ -62,10 +59,4 @@ def convert_model(source: str, out: Optional[str | Path] = None, bits: Optional[
         tokenizer_model = model_dir / "tokenizer.model"
         if tokenizer_model.exists() and not (staging / "tokenizer.model").exists():
             shutil.copy2(tokenizer_model, staging / "tokenizer.model")
-        if out.exists():
-            shutil.rmtree(out)
-        os.rename(staging, out)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
     return out

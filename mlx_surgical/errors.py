@@ -23,6 +23,14 @@ class NotFound(UserError):
     """The named job, run or adapter does not exist (HTTP 404)."""
 
 
+class TrainingDiverged(UserError):
+    """The loss became NaN or infinite; the run keeps its last checkpoint."""
+
+
+class TrainingInterrupted(Exception):
+    """Ctrl-C or a stop request: the callbacks have written a checkpoint, then this is raised."""
+
+
 def read_user_text(path: Path, what: str, hint: str = "") -> str:
     try:
         return path.read_text(encoding="utf-8")

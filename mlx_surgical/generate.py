@@ -3,9 +3,13 @@
 from pathlib import Path
 from typing import Iterator, Optional
 
+from mlx_lm.generate import stream_generate
+from mlx_lm.sample_utils import make_sampler
+
+from .adapter import AdapterConfig
 from .data import PromptFormat
 from .model import LoadedModel, load_model
-from .surgery import apply_adapter, read_adapter_config
+from .surgery import apply_adapter
 
 
 def load_for_generation(model_path: str, adapter_dir: Optional[str | Path] = None) -> LoadedModel:
@@ -19,16 +23,13 @@ def prompt_format_for(loaded: LoadedModel, adapter_dir: Optional[str | Path] = N
     """The adapter's training prompt format when it recorded one, else the model's default."""
     style, system = "auto", None
     if adapter_dir is not None:
-        recorded = read_adapter_config(adapter_dir).get("prompt", {})
-        style, system = recorded.get("format", "auto"), recorded.get("system_prompt")
+        recorded = AdapterConfig.read(adapter_dir).prompt
+        style, system = recorded.format, recorded.system_prompt
     return PromptFormat(loaded.tokenizer, style, system)
 
 
 def stream_answer(loaded: LoadedModel, fmt: PromptFormat, instruction: str, max_tokens: int = 128) -> Iterator[str]:
     """Greedy decoding of the answer to one instruction, yielded piece by piece."""
-    from mlx_lm.generate import stream_generate
-    from mlx_lm.sample_utils import make_sampler
-
     prompt = fmt.prompt_ids([{"role": "user", "content": instruction}])
     for response in stream_generate(loaded.model, loaded.tokenizer, prompt, max_tokens=max_tokens,
                                     sampler=make_sampler(temp=0.0)):

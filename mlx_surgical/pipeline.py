@@ -11,20 +11,27 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import Callable, Optional
 
+import mlx.core as mx
+import mlx_lm
+
 from . import __version__
-from .checkpoint import (LOSS_PLOT, METRICS, RUN_CONFIG, RUN_INFO, TrainState, latest_checkpoint,
-                         load_checkpoint, read_jsonl, write_adapter, write_json_atomic, write_text_atomic)
+from .adapter import AdapterConfig, PromptRecord, write_adapter
+from .backend import keep_freed_memory
+from .callbacks import Checkpointer, ConsoleProgress, MetricsFile, plot_losses
+from .checkpoint import TrainState, latest_checkpoint, load_checkpoint
 from .config import RunConfig, config_from_dict, per_rank_batch, save_config
 from .data import BatchStream, EncodedData, PromptFormat, encode_records, eval_batches, split_records
-from .errors import UserError
+from .errors import TrainingDiverged, TrainingInterrupted, UserError
+from .files import write_text_atomic
+from .loss import training_loss
 from .model import is_local, load_model, load_tokenizer
-from .plan import schedule_for
-from .registry import checksums
-from .surgery import adapter_config, adapter_weights, attach_lora
+from .rundir import BaseModelInfo, BestInfo, DataInfo, FinalInfo, RunDir, RunInfo, now
+from .surgery import adapter_weights, attach_lora
+from .train import (LoopSettings, evaluate, learning_rate_schedule, make_optimizer, schedule_for, train)
 
 
 @dataclass
@@ -40,15 +47,8 @@ class RunResult:
 
 
 def versions() -> dict:
-    import mlx.core as mx
-    import mlx_lm
-
     return {"mlx_surgical": __version__, "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__,
             "python": platform.python_version(), "platform": platform.platform()}
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def data_hash(config: RunConfig) -> str:
@@ -107,14 +107,6 @@ def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[
     Under `mlx.launch` every rank runs this function: each trains on its share of every global
     batch, and only rank 0 writes files and reports (the run directory must be reachable
     from every rank to resume)."""
-    import mlx.core as mx
-
-    from .backend import keep_freed_memory
-    from .callbacks import Checkpointer, ConsoleProgress, MetricsFile, plot_losses
-    from .loss import training_loss
-    from .train import (LoopSettings, TrainingDiverged, TrainingInterrupted, evaluate, learning_rate_schedule,
-                        make_optimizer, train)
-
     t_start = time.perf_counter()
     world = mx.distributed.init()
     ranks, primary = world.size(), world.rank() == 0
@@ -134,8 +126,8 @@ def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[
         if from_rank0(int(run_dir.exists() and any(run_dir.iterdir()))):
             raise UserError(f"output.name: run directory {run_dir} already exists; resume it with "
                             f"`mlx-surgical train --resume {run_dir}` or choose another output.name")
-    info_path = run_dir / RUN_INFO
-    info = json.loads(info_path.read_text()) if resume_dir else {"name": run_dir.name, "created": _now()}
+    run = RunDir(run_dir)
+    info = RunInfo.load(run_dir) if resume_dir else RunInfo(name=run_dir.name)
 
     loaded = load_model(config.model.path, config.model.revision, config.model.dtype)
     fmt = PromptFormat(loaded.tokenizer, config.data.prompt_format, config.data.system_prompt)
@@ -143,7 +135,7 @@ def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[
     for line in train_data.report_lines("train") + valid_data.report_lines("valid"):
         log(line)
     current_hash = data_hash(config)
-    if resume_dir and info.get("data", {}).get("hash") not in (None, current_hash):
+    if resume_dir and info.data is not None and info.data.hash != current_hash:
         raise UserError(f"{run_dir}: the training data changed since this run started; "
                         "resume needs the same examples (or start a new run)")
 
@@ -155,9 +147,8 @@ def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[
                                 t.schedule)
     optimizer = make_optimizer(lr, t.weight_decay)
     optimizer.init(loaded.model.trainable_parameters())
-    adapter_cfg = adapter_config(config.lora, loaded.shape, config.model.path,
-                                 prompt={"format": fmt.style, "system_prompt": config.data.system_prompt},
-                                 resolved_path=str(loaded.path.resolve()))
+    adapter_cfg = AdapterConfig.for_run(config.lora, loaded.shape, config.model.path, str(loaded.path.resolve()),
+                                        PromptRecord(fmt.style, config.data.system_prompt))
 
     state = TrainState()
     if resume_dir:
@@ -166,28 +157,27 @@ def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[
             raise UserError(f"{run_dir}: no checkpoint to resume from; start the run again")
         state = load_checkpoint(checkpoint, loaded.model, optimizer)
         if primary:
-            _truncate_metrics(run_dir / METRICS, state.update)
+            kept = _truncate_metrics(run, state.update)
+            if info.first_loss is None:  # run.json from before first_loss was recorded
+                info.first_loss = next((r["loss"] for r in kept if "loss" in r), None)
         log(f"resuming {run_dir} from update {state.update} of {schedule.updates}")
     elif primary:
         run_dir.mkdir(parents=True, exist_ok=True)  # only now: bad input above leaves nothing behind
-        save_config(config, run_dir / RUN_CONFIG)
+        save_config(config, run.config)
         write_adapter(run_dir, adapter_weights(loaded.model), adapter_cfg)
 
-    info.update({
-        "status": "running",
-        "base_model": {"path": config.model.path, "resolved_path": str(loaded.path),
-                       "fingerprint": loaded.shape.fingerprint(), "shape": loaded.shape.describe()},
-        "data": {"hash": current_hash, "train_examples": len(train_data.samples),
-                 "valid_examples": len(valid_data.samples), "train_tokens": train_data.tokens,
-                 "truncated": train_data.truncated, "skipped": train_data.skipped},
-        "trainable_parameters": trainable,
-        "schedule": schedule.to_dict(),
-        "ranks": ranks,
-        "prompt_format": fmt.style,
-        "versions": versions(),
-    })
-    info.setdefault("timings", {})["load_seconds"] = round(time.perf_counter() - t_start, 2)
-    write_info = (lambda: write_json_atomic(info_path, info)) if primary else (lambda: None)
+    info.status = "running"
+    info.base_model = BaseModelInfo(config.model.path, str(loaded.path), loaded.shape.fingerprint(),
+                                    loaded.shape.describe())
+    info.data = DataInfo(current_hash, len(train_data.samples), len(valid_data.samples), train_data.tokens,
+                         train_data.truncated, train_data.skipped)
+    info.trainable_parameters = trainable
+    info.schedule = schedule.to_dict()
+    info.ranks = ranks
+    info.prompt_format = fmt.style
+    info.versions = versions()
+    info.timings.load_seconds = round(time.perf_counter() - t_start, 2)
+    write_info = (lambda: info.save(run_dir)) if primary else (lambda: None)
     write_info()
     log(f"run {run_dir}: {trainable:,} trainable parameters, {len(train_data.samples)} examples, "
         f"{schedule.updates} optimizer updates ({schedule.epochs:g} epochs x {schedule.micro_batches_per_epoch} "
@@ -203,11 +193,12 @@ def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[
 
     console = ConsoleProgress(enabled=progress)
     checkpointer = Checkpointer(run_dir, loaded.model, optimizer, adapter_cfg, t.save_every, t.keep_checkpoints)
+    metrics = MetricsFile(run_dir)
     stop_flag = stop_flag or StopFlag()
     restore_signals = stop_flag.install()
     settings = LoopSettings(schedule.updates, t.grad_accumulation_steps, t.eval_every, t.patience, t.seed,
                             world if ranks > 1 else None)
-    writers = (MetricsFile(run_dir), checkpointer) if primary else ()
+    writers = (metrics, checkpointer) if primary else ()
 
     status = "failed"
     try:
@@ -219,40 +210,44 @@ def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[
         status = "interrupted"
         raise
     except TrainingDiverged as e:
-        info["error"] = str(e)
+        info.error = str(e)
         raise
     finally:
         restore_signals()
         console.close()
-        info["status"] = status
-        info["update"] = state.update
-        info["timings"].update({"train_seconds": round(state.train_seconds, 2), "finished": _now()})
-        info["best"] = {"val_loss": state.best_val_loss, "update": state.best_update}
-        if primary and (run_dir / METRICS).exists():
-            plot_losses(run_dir / METRICS, run_dir / LOSS_PLOT)
+        if info.first_loss is None and metrics.losses:
+            info.first_loss = metrics.losses[0]
+        info.status = status
+        info.update = state.update
+        info.timings.train_seconds = round(state.train_seconds, 2)
+        info.timings.finished = now()
+        info.best = BestInfo(state.best_val_loss, state.best_update)
+        if primary:
+            plot_losses(run.metric_rows(), run.loss_plot)
         write_info()
 
     if primary:
         write_adapter(run_dir, adapter_weights(loaded.model), adapter_cfg)
-    losses = [r["loss"] for r in read_jsonl(run_dir / METRICS) if "loss" in r]
-    info["final"] = {"loss": losses[-1] if losses else None, "val_loss": result.final_val_loss}
+    final_loss = metrics.losses[-1] if metrics.losses else (info.final.loss if info.final else None)
+    info.final = FinalInfo(final_loss, result.final_val_loss)
     if primary:
-        info["checksums"] = checksums(run_dir)
+        info.checksums = run.checksums()
     write_info()
-    return RunResult(run_dir, status, state.update, trainable, losses[0] if losses else None,
-                     losses[-1] if losses else None, result.final_val_loss, state.best_val_loss)
+    return RunResult(run_dir, status, state.update, trainable, info.first_loss, final_loss,
+                     result.final_val_loss, state.best_val_loss)
 
 
-def _truncate_metrics(path: Path, update: int) -> None:
+def _truncate_metrics(run: RunDir, update: int) -> list[dict]:
     """Drop rows written after the checkpoint we resume from; they will be written again."""
-    rows = [r for r in read_jsonl(path) if r["update"] <= update]
-    write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows))
+    rows = [r for r in run.metric_rows() if r["update"] <= update]
+    write_text_atomic(run.metrics, "".join(json.dumps(r) + "\n" for r in rows))
+    return rows
 
 
 def load_run_config(run_dir: Path) -> RunConfig:
-    path = Path(run_dir) / RUN_CONFIG
+    path = RunDir(Path(run_dir)).config
     if not path.exists():
-        raise UserError(f"{run_dir}: not a run directory (no {RUN_CONFIG})")
+        raise UserError(f"{run_dir}: not a run directory (no {path.name})")
     return config_from_dict(json.loads(path.read_text()), source=str(path))
 
 

@@ -2,22 +2,28 @@
 
 Everything here is computed from the model's config.json (or the built-in shapes of
 CodeLlama, for planning before a download) and the run config; no weights are loaded,
-except for the optional time probe. Training uses `schedule_for` and the trainable count
-is checked against what surgery attaches, so the plan's numbers are the run's numbers.
+except for the optional time probe. The schedule is training's own (`train.schedule_for`)
+and the trainable count is checked against what surgery attaches, so the plan's numbers
+are the run's numbers.
 """
 
-from dataclasses import asdict, dataclass, replace
+import copy
+import os
+import tempfile
+from dataclasses import replace
 from typing import Optional
 
-from .checkpoint import METRICS, read_jsonl
+from .adapter import adapted_layer_count
 from .config import LoraConfig, RunConfig, TrainingConfig, per_rank_batch
 from .data import PromptFormat, encode_records, padded_length, split_records
 from .errors import UserError
+from .forward import uses_fast_math
 from .loss import LOSS_CHUNK_ELEMENTS
-from .model import ModelShape, is_local, model_shape
-from .surgery import adapted_layer_count
-
-DEFAULT_EPOCHS = 3
+from .model import is_local, load_tokenizer, model_shape
+from .pipeline import train_run
+from .rundir import RunDir
+from .shape import ModelShape
+from .train import schedule_for
 
 # Hugging Face config.json values of the CodeLlama family, for planning before a download.
 KNOWN_SHAPES = {
@@ -25,36 +31,6 @@ KNOWN_SHAPES = {
     "codellama-13b": ModelShape("llama", 5120, 13824, 40, 40, 40, 32016, 128),
     "codellama-34b": ModelShape("llama", 8192, 22016, 48, 64, 8, 32000, 128),
 }
-
-
-@dataclass(frozen=True)
-class Schedule:
-    examples: int
-    micro_batches_per_epoch: int
-    micro_batches: int
-    updates: int
-    warmup_updates: int
-    epochs: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def schedule_for(examples: int, training: TrainingConfig) -> Schedule:
-    """Epochs (or iters) as a number of optimizer updates. Each epoch is ceil(examples / batch
-    size) micro-batches and every update takes grad_accumulation_steps of them; when the
-    epochs do not divide evenly, the last update completes its window from the next epoch's
-    order."""
-    per_epoch = -(-examples // training.batch_size)
-    if training.iters is not None:
-        updates = training.iters
-        micro = updates * training.grad_accumulation_steps
-    else:
-        epochs = training.epochs or DEFAULT_EPOCHS
-        micro = per_epoch * epochs
-        updates = -(-micro // training.grad_accumulation_steps)
-    return Schedule(examples, per_epoch, micro, updates, min(training.warmup_steps, updates),
-                    micro / per_epoch if per_epoch else 0.0)
 
 
 def lora_parameter_count(shape: ModelShape, lora: LoraConfig) -> int:
@@ -125,8 +101,6 @@ def memory_estimate(shape: ModelShape, lora_params: int, training: TrainingConfi
     """Peak training memory; activations for batches of `seq_len` tokens (default: the
     worst case, max_seq_length), on this machine's MLX device unless cpu_math says."""
     if cpu_math is None:
-        from .forward import uses_fast_math
-
         cpu_math = uses_fast_math()
     seq_len = seq_len or training.max_seq_length
     tokens = training.batch_size * seq_len
@@ -146,8 +120,6 @@ def memory_estimate(shape: ModelShape, lora_params: int, training: TrainingConfi
 
 
 def machine_memory_gb() -> Optional[float]:
-    import os
-
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB
     except (ValueError, OSError, AttributeError):
@@ -159,8 +131,6 @@ def count_examples(config: RunConfig) -> tuple[int, Optional[int], Optional[int]
     tokenizer is local."""
     records = split_records(config.data, "train")
     if is_local(config.model.path):
-        from .model import load_tokenizer
-
         fmt = PromptFormat(load_tokenizer(config.model.path), config.data.prompt_format, config.data.system_prompt)
         encoded = encode_records(records, fmt, config.training.max_seq_length, config.data.overlength,
                                  config.data.mask_prompt)
@@ -211,11 +181,6 @@ def plan_run(config: RunConfig, probe: bool = True, ranks: int = 1) -> dict:
 def probe_seconds_per_update(config: RunConfig, updates: int = 3) -> float:
     """Time a few real updates (after one warm-up update that pays for compilation) in a
     throwaway run directory."""
-    import copy
-    import tempfile
-
-    from .pipeline import train_run
-
     probe = copy.deepcopy(config)
     probe.training.epochs, probe.training.iters = None, updates + 1
     probe.training.save_every = probe.training.eval_every = 10 ** 9
@@ -223,7 +188,7 @@ def probe_seconds_per_update(config: RunConfig, updates: int = 3) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         probe.output.dir, probe.output.name = tmp, "probe"
         result = train_run(probe, progress=False, log=lambda _: None)
-        rows = read_jsonl(result.run_dir / METRICS)[1:]
+        rows = RunDir(result.run_dir).metric_rows()[1:]
     return sum(r["seconds"] for r in rows) / len(rows)
 
 

@@ -5,10 +5,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from .checkpoint import METRICS, read_jsonl
 from .config import load_config, preset_path
 from .data import read_records, sample_path, to_messages
+from .generate import answer, load_for_generation, prompt_format_for
 from .pipeline import RunResult, train_run
+from .rundir import RunDir
 from .tiny import QUICKSTART_SHAPE, build_tiny_model
 
 TINY_MODEL_DIR = "models/tiny-llama"
@@ -34,8 +35,6 @@ def ensure_tiny_model(model_dir: str | Path, log: Callable[[str], None] = print)
 
 def run_quickstart(out_dir: str = "adapters", model_dir: str = TINY_MODEL_DIR, epochs: Optional[int] = None,
                    progress: bool = True, log: Callable[[str], None] = print) -> QuickstartResult:
-    from .generate import answer, load_for_generation, prompt_format_for
-
     model_path = ensure_tiny_model(model_dir, log)
     config = load_config(preset_path("tiny"))
     config.model.path = str(model_path)
@@ -43,7 +42,7 @@ def run_quickstart(out_dir: str = "adapters", model_dir: str = TINY_MODEL_DIR, e
     if epochs is not None:
         config.training.epochs = epochs
     run = train_run(config, config_name="quickstart", progress=progress, log=log)
-    losses = [r["loss"] for r in read_jsonl(run.run_dir / METRICS) if "loss" in r]
+    losses = [r["loss"] for r in RunDir(run.run_dir).metric_rows() if "loss" in r]
     per_epoch = max(1, len(losses) // (config.training.epochs or 1))
     last_epoch_loss = sum(losses[-per_epoch:]) / len(losses[-per_epoch:])
 

@@ -1,21 +1,19 @@
 """The adapters/ directory as a registry: list, show, verify and remove runs.
 
-Every run directory explains itself (run.json, adapter_config.json), so the registry keeps
-no index of its own: listing reads the directories."""
+Every run directory explains itself (rundir.RunInfo, adapter.AdapterConfig), so the registry
+keeps no index of its own: listing reads the directories. It never loads MLX."""
 
-import hashlib
-import json
 import shutil
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
-from .checkpoint import BEST_DIR, RUN_INFO
+from .adapter import AdapterConfig, is_adapter_dir, read_adapter
 from .errors import NotFound, UserError
-from .surgery import ADAPTER_CONFIG, ADAPTER_FILE
-
-CHECKSUMMED = (ADAPTER_FILE, ADAPTER_CONFIG, f"{BEST_DIR}/{ADAPTER_FILE}", f"{BEST_DIR}/{ADAPTER_CONFIG}")
+from .files import read_json_or_empty, sha256_file
+from .rundir import RunDir, RunInfo
+from .shape import local_shape
 
 
 @dataclass
@@ -34,44 +32,24 @@ class AdapterEntry:
         return asdict(self)
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def checksums(run_dir: Path) -> dict[str, str]:
-    """sha256 of the files a user ships, recorded in run.json when a run finishes."""
-    return {name: sha256_file(run_dir / name) for name in CHECKSUMMED if (run_dir / name).exists()}
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def is_adapter_dir(path: Path) -> bool:
-    return (path / ADAPTER_CONFIG).exists() and (path / ADAPTER_FILE).exists()
-
-
 def entry(run_dir: Path) -> AdapterEntry:
-    info = _read_json(run_dir / RUN_INFO)
-    config = _read_json(run_dir / ADAPTER_CONFIG)
-    created = info.get("created") or datetime.fromtimestamp((run_dir / ADAPTER_FILE).stat().st_mtime,
-                                                            timezone.utc).isoformat(timespec="seconds")
+    run = RunDir(run_dir)
+    info = RunInfo.load(run_dir)
+    try:
+        base_model = AdapterConfig.read(run_dir).base_model or "?"
+    except UserError:
+        base_model = "?"
+    created = info.created or datetime.fromtimestamp(run.adapter.stat().st_mtime,
+                                                     timezone.utc).isoformat(timespec="seconds")
     return AdapterEntry(
-        name=run_dir.name,
+        name=run.name,
         path=str(run_dir),
-        status=info.get("status", "exported"),
-        base_model=config.get("base_model", {}).get("path", "?"),
-        trainable_parameters=info.get("trainable_parameters"),
-        size_bytes=(run_dir / ADAPTER_FILE).stat().st_size,
-        best_val_loss=(info.get("best") or {}).get("val_loss"),
-        final_val_loss=(info.get("final") or {}).get("val_loss"),
+        status=info.status if run.info.exists() else "exported",
+        base_model=base_model,
+        trainable_parameters=info.trainable_parameters,
+        size_bytes=run.adapter.stat().st_size,
+        best_val_loss=info.best.val_loss if info.best else None,
+        final_val_loss=info.final.val_loss if info.final else None,
         created=created,
     )
 
@@ -93,25 +71,23 @@ def find(root: str | Path, name: str) -> Path:
 
 
 def show(root: str | Path, name: str) -> dict:
-    run_dir = find(root, name)
-    return {**entry(run_dir).to_dict(), "adapter_config": _read_json(run_dir / ADAPTER_CONFIG),
-            "run": _read_json(run_dir / RUN_INFO)}
+    run = RunDir(find(root, name))
+    return {**entry(run.path).to_dict(), "adapter_config": read_json_or_empty(run.adapter_config),
+            "run": read_json_or_empty(run.info)}
 
 
 def verify(root: str | Path, name: str, model_path: Optional[str] = None) -> list[str]:
     """Check recorded checksums, that the tensors load, and that their shapes fit the base
     model (the recorded one, or `model_path`). Returns what was checked; raises UserError
     listing every failure."""
-    from .export.adapter import read_adapter
-    from .model import model_shape
-
     run_dir = find(root, name)
+    run = RunDir(run_dir)
     problems, checked = [], []
-    recorded = _read_json(run_dir / RUN_INFO).get("checksums", {})
+    recorded = RunInfo.load(run_dir).checksums
     for file, expected in recorded.items():
         path = run_dir / file
         if not path.exists():
-            problems.append(f"{path}: missing (listed in {RUN_INFO})")
+            problems.append(f"{path}: missing (listed in {run.info.name})")
         elif sha256_file(path) != expected:
             problems.append(f"{path}: checksum differs from the one recorded when the run finished")
         else:
@@ -120,18 +96,19 @@ def verify(root: str | Path, name: str, model_path: Optional[str] = None) -> lis
         checked.append("no checksums recorded (run unfinished or exported): checked tensors only")
     try:
         adapter = read_adapter(run_dir)
-        checked.append(f"{ADAPTER_FILE}: {len(adapter.pairs)} LoRA pairs load")
-    except Exception as e:  # a corrupt file can fail in many ways; all mean the same to the user
-        raise UserError(*problems, f"{run_dir / ADAPTER_FILE}: cannot be read ({e})") from None
-    shape = model_shape(model_path) if model_path else adapter.base_shape()
-    base = model_path or adapter.base_model
+        checked.append(f"{run.adapter.name}: {len(adapter.pairs)} LoRA pairs load")
+    except UserError as e:
+        raise UserError(*problems, *e.problems) from None
+    shape = local_shape(Path(model_path)) if model_path else adapter.config.base_shape()
+    base = model_path or adapter.config.base_model
+    rank = adapter.config.rank
     for p in adapter.pairs:
         expected_in, expected_out = shape.projection_dims(p.projection)
         if p.layer >= shape.num_layers:
             problems.append(f"{run_dir}: layer {p.layer} does not exist in {base} ({shape.num_layers} layers)")
-        elif p.a.shape != (expected_in, adapter.rank) or p.b.shape != (adapter.rank, expected_out):
+        elif p.a.shape != (expected_in, rank) or p.b.shape != (rank, expected_out):
             problems.append(f"{run_dir}: layer {p.layer} {p.module} has A {p.a.shape}, B {p.b.shape}; {base} "
-                            f"needs A ({expected_in}, {adapter.rank}), B ({adapter.rank}, {expected_out})")
+                            f"needs A ({expected_in}, {rank}), B ({rank}, {expected_out})")
     if problems:
         raise UserError(*problems)
     checked.append(f"shapes fit {base} ({shape.describe()})")

@@ -21,21 +21,19 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 
 from . import __version__
+from .backend import describe
 from .errors import NotFound, UserError
+from .export import export_adapter
 from .jobs import FINISHED, JobStore, Scheduler, prepare_config
+from .registry import find, list_adapters, show
+from .rundir import RunDir
 
 DEFAULT_MAX_BODY = 20 * 1024 * 1024
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-PUBLIC_JOB_FIELDS = ("id", "state", "created", "started", "finished", "run_name", "run_dir", "resume", "update",
-                     "total_updates", "loss", "learning_rate", "tokens_per_second", "eta_seconds", "val_loss", "error")
 
 
 def problem(status: int, *problems: str) -> JSONResponse:
     return JSONResponse({"problems": list(problems)}, status_code=status)
-
-
-def public(job: dict) -> dict:
-    return {k: job[k] for k in PUBLIC_JOB_FIELDS}
 
 
 def create_app(workspace: Path, token: Optional[str] = None, max_body: int = DEFAULT_MAX_BODY) -> FastAPI:
@@ -71,8 +69,6 @@ def create_app(workspace: Path, token: Optional[str] = None, max_body: int = DEF
 
     @app.get("/api/health")
     async def health():
-        from .backend import describe
-
         return {"version": __version__, **describe(), "status": "busy" if scheduler.busy else "idle"}
 
     @app.post("/api/training/start", status_code=202)
@@ -86,21 +82,19 @@ def create_app(workspace: Path, token: Optional[str] = None, max_body: int = DEF
             return problem(422, f"config: malformed JSON: {e}")
         config = await asyncio.to_thread(prepare_config, raw, store)
         job = store.create(config)
-        return {"id": job["id"], "state": job["state"], "run_name": job["run_name"]}
+        return {"id": job.id, "state": job.state, "run_name": job.run_name}
 
     @app.get("/api/training/jobs")
     async def jobs():
-        return [public(j) for j in store.all()]
+        return [j.public() for j in store.all()]
 
     @app.get("/api/training/jobs/{job_id}")
     async def job(job_id: str):
-        return public(store.get(job_id))
+        return store.get(job_id).public()
 
     @app.get("/api/training/jobs/{job_id}/metrics")
     async def metrics(job_id: str):
-        from .checkpoint import METRICS, read_jsonl
-
-        return read_jsonl(Path(store.get(job_id)["run_dir"]) / METRICS)
+        return RunDir(Path(store.get(job_id).run_dir)).metric_rows()
 
     @app.get("/api/training/jobs/{job_id}/events")
     async def events(job_id: str):
@@ -114,8 +108,8 @@ def create_app(workspace: Path, token: Optional[str] = None, max_body: int = DEF
                 for event in events[sent:]:
                     yield f"data: {json.dumps(event)}\n\n"
                 sent = len(events)
-                if current["state"] in FINISHED:
-                    yield f"event: state\ndata: {json.dumps(public(current))}\n\n"
+                if current.state in FINISHED:
+                    yield f"event: state\ndata: {json.dumps(current.public())}\n\n"
                     return
                 await asyncio.sleep(0.2)
 
@@ -124,30 +118,23 @@ def create_app(workspace: Path, token: Optional[str] = None, max_body: int = DEF
     @app.post("/api/training/jobs/{job_id}/stop")
     async def stop(job_id: str):
         store.get(job_id)
-        return public(scheduler.stop(job_id))
+        return scheduler.stop(job_id).public()
 
     @app.post("/api/training/jobs/{job_id}/resume", status_code=202)
     async def resume(job_id: str):
         store.get(job_id)
-        return public(scheduler.resume(job_id))
+        return scheduler.resume(job_id).public()
 
     @app.get("/api/adapters")
     async def adapters():
-        from .registry import list_adapters
-
         return [e.to_dict() for e in list_adapters(store.adapters)]
 
     @app.get("/api/adapters/{name}")
     async def adapter(name: str):
-        from .registry import show
-
         return show(store.adapters, _plain(name))
 
     @app.get("/api/adapters/{name}/export")
     async def export(name: str, format: str = "mlx"):
-        from .export import export_adapter
-        from .registry import find
-
         if format not in ("mlx", "peft", "gguf"):
             return problem(422, f"format: unknown format '{format}'; choose mlx, peft or gguf")
         run_dir = find(store.adapters, _plain(name))

@@ -12,7 +12,7 @@ by the total token count. So batch 1 x 4 steps gives the same update as batch 4.
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Callable, Optional, Protocol
 
@@ -23,7 +23,41 @@ from mlx.utils import tree_map
 
 from .checkpoint import TrainState
 from .data import Batch
-from .errors import UserError
+from .config import TrainingConfig
+from .errors import TrainingDiverged, TrainingInterrupted
+
+
+DEFAULT_EPOCHS = 3
+
+
+@dataclass(frozen=True)
+class Schedule:
+    examples: int
+    micro_batches_per_epoch: int
+    micro_batches: int
+    updates: int
+    warmup_updates: int
+    epochs: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def schedule_for(examples: int, training: TrainingConfig) -> Schedule:
+    """Epochs (or iters) as a number of optimizer updates. Each epoch is ceil(examples / batch
+    size) micro-batches and every update takes grad_accumulation_steps of them; when the
+    epochs do not divide evenly, the last update completes its window from the next epoch's
+    order."""
+    per_epoch = -(-examples // training.batch_size)
+    if training.iters is not None:
+        updates = training.iters
+        micro = updates * training.grad_accumulation_steps
+    else:
+        epochs = training.epochs or DEFAULT_EPOCHS
+        micro = per_epoch * epochs
+        updates = -(-micro // training.grad_accumulation_steps)
+    return Schedule(examples, per_epoch, micro, updates, min(training.warmup_steps, updates),
+                    micro / per_epoch if per_epoch else 0.0)
 
 
 def learning_rate_schedule(peak: float, minimum: float, warmup: int, total: int, kind: str):
@@ -54,14 +88,6 @@ class Callback(Protocol):
     def on_update(self, report: dict, state: TrainState) -> None: ...
     def on_eval(self, report: dict, state: TrainState, improved: bool) -> None: ...
     def on_stop(self, reason: str, state: TrainState) -> None: ...
-
-
-class TrainingDiverged(UserError):
-    pass
-
-
-class TrainingInterrupted(Exception):
-    """Ctrl-C or a stop request: the callbacks have written a checkpoint, then this is raised."""
 
 
 @dataclass

@@ -22,7 +22,7 @@ from mlx_surgical.checkpoint import TrainState
 from mlx_surgical.config import LoraConfig, TrainingConfig
 from mlx_surgical.data import Sample, collate
 from mlx_surgical.loss import training_loss
-from mlx_surgical.model import ModelShape
+from mlx_surgical.shape import ModelShape
 from mlx_surgical.plan import lora_parameter_count, memory_estimate
 from mlx_surgical.surgery import attach_lora
 from mlx_surgical.train import LoopSettings, make_optimizer, train

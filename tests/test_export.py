@@ -12,7 +12,7 @@ import pytest
 
 from mlx_surgical.errors import UserError
 from mlx_surgical.export import export_adapter
-from mlx_surgical.export.adapter import read_adapter
+from mlx_surgical.adapter import read_adapter
 from mlx_surgical.generate import load_for_generation
 from mlx_surgical.model import load_model
 
@@ -94,17 +94,17 @@ def test_gguf_export_has_llama_cpp_names_metadata_and_permutation(trained_run, t
     assert float(value("adapter.lora.alpha")) == 16.0
     tensors = {t.name: np.array(t.data) for t in reader.tensors}
     adapter = read_adapter(trained_run)
-    shape = adapter.base_shape()
+    shape = adapter.config.base_shape()
     assert len(tensors) == 2 * len(adapter.pairs)
     for pair in adapter.pairs:
         name = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v"}[pair.projection]
         a = tensors[f"blk.{pair.layer}.{name}.weight.lora_a"]
         b = tensors[f"blk.{pair.layer}.{name}.weight.lora_b"]
         assert a.shape == (8, shape.hidden_size) and b.shape == (pair.b.shape[1], 8)
-        delta = pair.delta(adapter.scale)  # (out, in), Hugging Face row order
+        delta = pair.delta(adapter.config.scale)  # (out, in), Hugging Face row order
         heads = {"q_proj": shape.num_heads, "k_proj": shape.num_kv_heads}.get(pair.projection)
         expected = delta[llama_cpp_row_order(delta.shape[0], heads)] if heads else delta
-        np.testing.assert_allclose(adapter.scale * b @ a, expected, atol=1e-6)
+        np.testing.assert_allclose(adapter.config.scale * b @ a, expected, atol=1e-6)
 
 
 def llama_cpp_checkout():

@@ -13,16 +13,18 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
+from mlx_surgical.adapter import AdapterConfig, PromptRecord
 from mlx_surgical.callbacks import Checkpointer
 from mlx_surgical.checkpoint import TrainState, latest_checkpoint
 from mlx_surgical.config import LoraConfig, TrainingConfig, save_config
 from mlx_surgical.data import Sample, collate
+from mlx_surgical.errors import TrainingDiverged
 from mlx_surgical.loss import training_loss
 from mlx_surgical.model import load_model
 from mlx_surgical.pipeline import train_run
-from mlx_surgical.plan import lora_parameter_count, schedule_for
+from mlx_surgical.plan import lora_parameter_count
 from mlx_surgical.surgery import HashDropout, attach_lora
-from mlx_surgical.train import (LoopSettings, TrainingDiverged, learning_rate_schedule, make_optimizer,
+from mlx_surgical.train import (LoopSettings, learning_rate_schedule, make_optimizer, schedule_for,
                                 train)
 
 
@@ -117,7 +119,8 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tiny_model, 
         loss, ntoks = training_loss(model)(model, inputs, *rest)
         return mx.where(inputs[0, 0] == 4, mx.array(float("nan")), loss), ntoks
 
-    checkpointer = Checkpointer(tmp_path, loaded.model, optimizer, {"fine_tune_type": "lora"}, save_every=2, keep=2)
+    adapter_config = AdapterConfig.for_run(LoraConfig(), loaded.shape, str(tiny_model), str(tiny_model), PromptRecord())
+    checkpointer = Checkpointer(tmp_path, loaded.model, optimizer, adapter_config, save_every=2, keep=2)
     state = TrainState()
     with pytest.raises(TrainingDiverged, match="loss became nan at update 3"):
         train(loaded.model, optimizer, loss_that_diverges, lambda p: good if p < 4 else poisoned,

@@ -7,17 +7,17 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from mlx_lm.utils import dequantize_model, save_config, save_model
+
+from ..adapter import Adapter
 from ..errors import UserError
-from .adapter import Adapter, staged_directory
+from ..files import staged_directory
+from ..model import load_model
+from ..surgery import apply_adapter, fuse_lora
 
 
 def write(adapter: Adapter, out: Path, base_model: Optional[str] = None, dequantize: bool = False) -> Path:
-    from mlx_lm.utils import dequantize_model, save_config, save_model
-
-    from ..model import load_model
-    from ..surgery import apply_adapter, fuse_lora
-
-    base = base_model or adapter.local_base_model
+    base = base_model or adapter.config.local_base_model
     if not base:
         raise UserError(f"{adapter.directory}: the adapter does not name its base model; pass --base-model")
     loaded = load_model(base)

@@ -12,10 +12,12 @@ output side only.
 
 from pathlib import Path
 
+import gguf
 import numpy as np
 
-from ..model import ModelShape
-from .adapter import Adapter, staged_file
+from ..adapter import Adapter
+from ..files import staged_file
+from ..shape import ModelShape
 
 GGUF_NAMES = {
     "q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
@@ -45,15 +47,13 @@ def gguf_tensors(adapter: Adapter, shape: ModelShape) -> dict[str, np.ndarray]:
 
 
 def write(adapter: Adapter, out: Path) -> Path:
-    import gguf
-
     with staged_file(out) as path:
         writer = gguf.GGUFWriter(str(path), arch="llama")
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, adapter.alpha)
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, adapter.config.alpha)
         writer.add_name(adapter.directory.name)
-        for name, tensor in gguf_tensors(adapter, adapter.base_shape()).items():
+        for name, tensor in gguf_tensors(adapter, adapter.config.base_shape()).items():
             writer.add_tensor(name, tensor)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

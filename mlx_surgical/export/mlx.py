@@ -4,8 +4,9 @@ the best/ folder, for `mlx_lm.generate --adapter-path` and `mlx_lm.server`."""
 import shutil
 from pathlib import Path
 
-from ..surgery import ADAPTER_CONFIG, ADAPTER_FILE
-from .adapter import Adapter, staged_directory
+from ..adapter import Adapter
+from ..files import staged_directory
+from ..rundir import ADAPTER_CONFIG, ADAPTER_FILE
 
 
 def write(adapter: Adapter, out: Path) -> Path:

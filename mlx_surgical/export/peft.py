@@ -10,7 +10,8 @@ from pathlib import Path
 
 from safetensors.numpy import save_file
 
-from .adapter import Adapter, staged_directory
+from ..adapter import Adapter
+from ..files import staged_directory
 
 # mlx-lm module path inside a decoder layer -> PEFT tensor name, per LoRA half.
 PEFT_NAME = "base_model.model.model.layers.{layer}.{module}.lora_{half}.weight"
@@ -25,14 +26,14 @@ def peft_tensors(adapter: Adapter) -> dict:
 
 
 def peft_config(adapter: Adapter) -> dict:
-    num_layers = adapter.config.get("base_model", {}).get("num_layers")
+    num_layers = adapter.config.base.num_layers if adapter.config.base else None
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": adapter.base_model,
-        "r": adapter.rank,
-        "lora_alpha": adapter.alpha,
-        "lora_dropout": float(adapter.config["lora_parameters"].get("dropout", 0.0)),
+        "base_model_name_or_path": adapter.config.base_model,
+        "r": adapter.config.rank,
+        "lora_alpha": adapter.config.alpha,
+        "lora_dropout": adapter.config.dropout,
         "target_modules": adapter.projections,
         "bias": "none",
         "fan_in_fan_out": False,
