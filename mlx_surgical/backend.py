@@ -9,6 +9,8 @@ It runs before MLX is imported and never on macOS (Metal) or with CUDA.
 
 import os
 import platform
+import re
+import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
@@ -26,6 +28,32 @@ OPENBLAS_CANDIDATES = (
     "/usr/lib/libopenblas.so.0",
 )
 INSTALL_HINT = "install OpenBLAS (Debian/Ubuntu: apt-get install libopenblas0-pthread)"
+CACHE_ENV = "MLX_SURGICAL_CACHE"
+# The instruction-set extensions that change which CPU kernels win.
+SPEED_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512", "amx_tile": "AMX", "asimd": "NEON", "sve": "SVE"}
+
+
+def cache_dir() -> Path:
+    """mlx_surgical's cache: fetched models and per-machine measurements."""
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "mlx_surgical")
+
+
+def cpu_description() -> str:
+    """The CPU's model name with the facts that tell kinds apart when the name does not
+    ("AMD EPYC" covers several generations): vendor family/model and the vector extensions."""
+    if platform.system() == "Darwin":
+        name = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True,
+                              text=True).stdout.strip()
+        return name or platform.processor() or platform.machine()
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    field = lambda key: (re.search(rf"^{key}\s*:\s*(.*)$", info, re.M) or [None, ""])[1].strip()  # noqa: E731
+    flags = set(field("flags").split() or field("Features").split())
+    extensions = [label for flag, label in SPEED_FLAGS.items() if flag in flags]
+    family = f"family {field('cpu family')} model {field('model')}" if field("cpu family") else platform.machine()
+    return f"{field('model name') or platform.machine()} ({family}; {', '.join(extensions) or 'no vector extensions'})"
 
 
 def find_openblas() -> Optional[str]:

@@ -322,11 +322,13 @@ def serve_cmd(host, port, token, workspace, allow_remote, max_body_mb):
 @user_errors
 def doctor_cmd():
     """Report OS, MLX backend and device, BLAS, measured GFLOP/s and memory."""
-    from .backend import INSTALL_HINT, describe, find_openblas, measure_sgemm_gflops
+    from .backend import INSTALL_HINT, cpu_description, describe, find_openblas, measure_sgemm_gflops
     from .plan import machine_memory_gb
+    from .tuning import ComputePath, cached_choices, describe_rates
 
     facts = describe()
     gflops = measure_sgemm_gflops()
+    click.echo(f"{'cpu':<8} {cpu_description()}")
     for key, value in facts.items():
         click.echo(f"{key:<8} {value}")
     click.echo(f"sgemm    {gflops:.1f} GFLOP/s (float32 512x512)")
@@ -341,6 +343,12 @@ def doctor_cmd():
                        "or run through the mlx-surgical command")
     elif gflops < 10:
         click.echo("advice   matrix multiply is slow on this machine; expect long runs")
+    choices = [c for c in cached_choices().values() if c.get("cpu") == cpu_description()]
+    for c in choices:
+        click.echo(f"path     {c['model']} ({c['dtype']}): {ComputePath(**c['path']).describe()}; "
+                   f"measured {c['measured']}: {describe_rates(c['seconds_per_step'])}")
+    if not choices:
+        click.echo("path     no compute path measured on this CPU yet: the first training run of a model measures")
 
 
 def main():

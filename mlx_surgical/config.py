@@ -90,6 +90,14 @@ class TrainingConfig:
                            "loss; 0 turns early stopping off.")
     keep_checkpoints: int = option(2, "How many resumable checkpoints to keep.")
     grad_checkpoint: bool = option(False, "Recompute layer activations in the backward pass to save memory.")
+    cpu_math: Literal["auto", "fast", "plain"] = option(
+        "auto", "MLX CPU backend only: 'fast' computes exp, attention and SwiGLU with mlx_surgical's own "
+        "kernels, 'plain' with MLX's ops; 'auto' times both on the first run of a model shape on this "
+        "machine and keeps the faster (which one wins depends on the CPU).")
+    cpu_quantized_matmul: Literal["auto", "dequantize", "native"] = option(
+        "auto", "MLX CPU backend, quantized base only: 'dequantize' multiplies by each frozen weight "
+        "dequantized to float inside the step (BLAS speed, memory stays quantized), 'native' uses MLX's "
+        "quantized_matmul; 'auto' measures both once per machine and model shape.")
 
 
 @dataclass

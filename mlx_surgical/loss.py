@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .errors import UserError
-from .forward import fast_exp, hidden_states, output_head, supports_block_forward, uses_fast_math
+from .forward import fast_exp, hidden_states, output_head, supports_block_forward
 
 # Logits alive at once: 2M floats (8 MB), 65 rows at CodeLlama's 32,016-token vocabulary.
 # Smaller chunks cost speed (the head matmul gets thin), larger ones memory.
@@ -75,10 +75,9 @@ def response_cross_entropy(model, inputs, targets, loss_index, loss_weight, fast
     return total, loss_weight.sum()
 
 
-def training_loss(model, grad_checkpoint: bool = False):
-    """The loss for this model on this process's device: CPU-fast math where MLX's CPU backend
-    runs."""
+def training_loss(model, grad_checkpoint: bool = False, fast_math: bool = False):
+    """The training loss for this model; fast_math (CPU only) as tuning.choose_path decided."""
     if grad_checkpoint and not supports_block_forward(model):
         raise UserError("training.grad_checkpoint: not available for models with sliding-window attention layers; "
                         "set it to false")
-    return partial(response_cross_entropy, fast_math=uses_fast_math(), grad_checkpoint=grad_checkpoint)
+    return partial(response_cross_entropy, fast_math=fast_math, grad_checkpoint=grad_checkpoint)

@@ -32,6 +32,9 @@ from .model import is_local, load_model, load_tokenizer
 from .rundir import BaseModelInfo, BestInfo, DataInfo, FinalInfo, RunDir, RunInfo, now
 from .surgery import adapter_weights, attach_lora
 from .train import (LoopSettings, evaluate, learning_rate_schedule, make_optimizer, schedule_for, train)
+from .tuning import choose_path
+
+TUNING_BATCHES = 2  # the run's first micro-batches time the candidate compute paths
 
 
 @dataclass
@@ -184,8 +187,15 @@ def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[
         f"micro-batches / {t.grad_accumulation_steps} accumulation steps)"
         + (f"; {ranks} ranks, {per_rank} examples each per micro-batch" if ranks > 1 else ""))
 
-    loss_fn = training_loss(loaded.model, t.grad_checkpoint)
     keep_freed_memory()
+    choice = choose_path(loaded.model, loaded.shape, config.model.dtype, t.grad_checkpoint, t.cpu_math,
+                         t.cpu_quantized_matmul, lambda path: training_loss(loaded.model, t.grad_checkpoint,
+                                                                            path.fast_math),
+                         [stream.batch(position) for position in range(TUNING_BATCHES)], log)
+    log(choice.describe())
+    info.compute_path = choice.describe()
+    write_info()
+    loss_fn = training_loss(loaded.model, t.grad_checkpoint, choice.path.fast_math)
 
     def validation_loss():
         return evaluate(loaded.model, loss_fn,

@@ -17,7 +17,7 @@ from .adapter import adapted_layer_count
 from .config import LoraConfig, RunConfig, TrainingConfig, per_rank_batch
 from .data import PromptFormat, encode_records, padded_length, split_records
 from .errors import UserError
-from .forward import uses_fast_math
+from .forward import on_cpu_backend
 from .loss import LOSS_CHUNK_ELEMENTS
 from .model import is_local, load_tokenizer, model_shape
 from .pipeline import train_run
@@ -101,7 +101,7 @@ def memory_estimate(shape: ModelShape, lora_params: int, training: TrainingConfi
     """Peak training memory; activations for batches of `seq_len` tokens (default: the
     worst case, max_seq_length), on this machine's MLX device unless cpu_math says."""
     if cpu_math is None:
-        cpu_math = uses_fast_math()
+        cpu_math = on_cpu_backend()  # the fast math keeps more: plan for it
     seq_len = seq_len or training.max_seq_length
     tokens = training.batch_size * seq_len
     base = weight_bytes(shape, dtype_bytes)

@@ -157,6 +157,7 @@ class RunInfo:
     schedule: Optional[dict] = None  # train.Schedule as a dict
     ranks: int = 1
     prompt_format: Optional[str] = None
+    compute_path: Optional[str] = None  # tuning.PathChoice.describe()
     versions: dict = field(default_factory=dict)
     timings: Timings = field(default_factory=Timings)
     first_loss: Optional[float] = None  # the loss of the run's first update

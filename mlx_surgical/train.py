@@ -132,6 +132,18 @@ def evaluate(model, loss_fn, batches) -> Optional[float]:
     return (total / count).item() if count.item() > 0 else None
 
 
+def compiled_grad_step(model, loss_fn: Callable, compiled_state: list) -> Callable:
+    """(loss sum, token count, gradients) of one micro-batch, as one compiled graph."""
+    value_and_grad = nn.value_and_grad(model, loss_fn)
+
+    @partial(mx.compile, inputs=compiled_state, outputs=compiled_state)
+    def grad_step(*loss_inputs):
+        (loss_sum, ntoks), grads = value_and_grad(model, *loss_inputs)
+        return loss_sum, ntoks, grads
+
+    return grad_step
+
+
 def train(model, optimizer, loss_fn: Callable, batch_at: Callable[[int], Batch], settings: LoopSettings,
           state: TrainState, eval_fn: Optional[Callable[[], Optional[float]]] = None,
           callbacks: tuple = (), should_stop: Callable[[], bool] = lambda: False) -> LoopResult:
@@ -150,13 +162,8 @@ def train(model, optimizer, loss_fn: Callable, batch_at: Callable[[int], Batch],
         """Sum over data-parallel ranks (identity for one process). Scalars outside the
         compiled step go through the CPU stream, as mlx-lm's trainer does."""
         return mx.distributed.all_sum(x, group=world, stream=stream) if ranks > 1 else x
-    value_and_grad = nn.value_and_grad(model, loss_fn)
     compiled_state = [model.state, optimizer.state, mx.random.state]
-
-    @partial(mx.compile, inputs=compiled_state, outputs=compiled_state)
-    def grad_step(*loss_inputs):
-        (loss_sum, ntoks), grads = value_and_grad(model, *loss_inputs)
-        return loss_sum, ntoks, grads
+    grad_step = compiled_grad_step(model, loss_fn, compiled_state)
 
     @partial(mx.compile, inputs=compiled_state, outputs=compiled_state)
     def apply_update(grads, ntoks):

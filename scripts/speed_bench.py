@@ -1,10 +1,12 @@
 """Training speed side by side: mlx_surgical, mlx_lm.lora and PyTorch + PEFT on the same CPU.
 
 Run as:
-    python scripts/speed_bench.py [--model small|tiny] [--updates 30]
+    python scripts/speed_bench.py [--model small|smollm2|tiny] [--updates 30]
 
 Builds the model with the package's factory ("small": hidden 512, 8 layers, 8 heads,
-intermediate 1376, vocab 32016, tied embeddings, 41.7M parameters), formats the bundled
+intermediate 1376, vocab 32016, tied embeddings, 41.7M parameters; "smollm2": the shape of
+SmolLM2-135M-Instruct, 30 layers, hidden 576, 9/3 heads, intermediate 1536, vocab 49152, tied,
+with random weights, which train at the same speed as real ones), formats the bundled
 instruction pairs as CodeLlama prompts, and trains the same number of optimizer updates with
 the same settings in each system: float32, LoRA rank 8 / alpha 16 / dropout 0.05 on q/k/v of
 every layer, batch 1 x 4 accumulation, AdamW at 1e-4. The first two updates (compilation,
@@ -14,6 +16,11 @@ twice: the process's resident memory, and for the MLX systems the peak MLX itsel
 Each system runs in its own process: both MLX ones with OpenBLAS preloaded (mlx_surgical does
 that by itself), PyTorch + PEFT (when torch, transformers and peft import) with its own BLAS
 and nothing preloaded.
+
+Two more mlx_surgical rows: the same model converted to 4 bits (QLoRA; its frozen matmuls take
+the path tuning.py measures fastest), and a first run on a machine, with MLX's kernel cache
+and mlx_surgical's measured compute paths both empty, whose extra wall time is the cold-start
+cost a new user pays once. The CPU is printed first: a speed holds for the CPU it was measured on.
 """
 
 import argparse
@@ -31,15 +38,20 @@ from mlx_surgical.backend import ensure_fast_blas
 
 ensure_fast_blas()  # before mlx is imported, like the CLI
 
-from mlx_surgical.config import config_from_dict  # noqa: E402
+from mlx_surgical.backend import CACHE_ENV, cpu_description, describe, measure_sgemm_gflops  # noqa: E402
+from mlx_surgical.config import config_from_dict, save_config  # noqa: E402
 from mlx_surgical.data import PromptFormat, read_records, sample_path, to_messages  # noqa: E402
+from mlx_surgical.rundir import RunDir, RunInfo  # noqa: E402
 from mlx_surgical.tiny import TinyShape, build_tiny_model  # noqa: E402
 
 MODELS = {
     "small": TinyShape(layers=8, hidden_size=512, intermediate_size=1376, heads=8, kv_heads=8, vocab_size=32016,
                        tie_embeddings=True),
+    "smollm2": TinyShape(layers=30, hidden_size=576, intermediate_size=1536, heads=9, kv_heads=3, vocab_size=49152,
+                         tie_embeddings=True),
     "tiny": TinyShape(),  # 2 layers, hidden 64: per-step overhead dominates
 }
+FIVE_MINUTES = 300
 WARMUP_UPDATES, ACCUM, LR, MAX_LEN = 2, 4, 1e-4, 512
 MLX_PEAK = "MLX peak memory GB:"
 # mlx_lm.lora as its console script runs it, then the peak of memory MLX allocated, which its
@@ -55,35 +67,44 @@ def examples(model_dir: Path) -> list[tuple[list[int], int]]:
     return [fmt.example_ids(*to_messages(r)) for r in read_records(sample_path("train"))]
 
 
-def run_measured(command: list[str], log: Path, env: dict | None = None) -> float:
+def run_measured(command: list[str], log: Path, env: dict | None = None) -> tuple[float, float]:
     """Run a command to completion; returns its peak resident memory in GB (every system is
-    measured this way, so they compare)."""
+    measured this way, so they compare) and its wall time in seconds."""
+    tic = time.perf_counter()
     with log.open("w") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
         _, status, usage = os.wait4(process.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"{command[:4]} failed:\n{log.read_text()[-3000:]}")
-    return usage.ru_maxrss * 1024 / 1e9  # kilobytes on Linux
+    return usage.ru_maxrss * 1024 / 1e9, time.perf_counter() - tic  # ru_maxrss: kilobytes on Linux
 
 
-def bench_mlx_surgical(model_dir: Path, updates: int, work: Path) -> dict:
-    from mlx_surgical.config import save_config
+def cold_environment(work: Path) -> dict:
+    """A first run on a new machine: MLX compiles its CPU kernels under the temporary
+    directory, and mlx_surgical has measured no compute path yet."""
+    for name in ("cold-tmp", "cold-cache"):
+        (work / name).mkdir()
+    return {**os.environ, "TMPDIR": str(work / "cold-tmp"), CACHE_ENV: str(work / "cold-cache")}
 
+
+def bench_mlx_surgical(model_dir: Path, updates: int, work: Path, name: str = "mlx_surgical",
+                       env: dict | None = None) -> dict:
     config = config_from_dict({
         "model": {"path": str(model_dir), "dtype": "float32"},
         "data": {"train": str(sample_path("train"))},
         "training": {"iters": updates + WARMUP_UPDATES, "learning_rate": LR, "warmup_steps": 0,
                      "grad_accumulation_steps": ACCUM, "max_seq_length": MAX_LEN, "save_every": 10 ** 6},
-        "output": {"dir": str(work), "name": "mlx_surgical"}})
-    save_config(config, work / "mlx_surgical.json")
-    peak = run_measured([sys.executable, "-m", "mlx_surgical", "train", "--no-progress",
-                         str(work / "mlx_surgical.json")], work / "mlx_surgical.log")
-    rows = [json.loads(line) for line in (work / "mlx_surgical" / "metrics.jsonl").read_text().splitlines()]
+        "output": {"dir": str(work), "name": name}})
+    save_config(config, work / f"{name}.json")
+    peak, wall = run_measured([sys.executable, "-m", "mlx_surgical", "train", "--no-progress",
+                               str(work / f"{name}.json")], work / f"{name}.log", env)
+    rows = RunDir(work / name).metric_rows()
     warm, timed = rows[:WARMUP_UPDATES], rows[WARMUP_UPDATES:]
     return {"tokens_per_second": sum(r["tokens_per_second"] * r["seconds"] for r in timed)
             / sum(r["seconds"] for r in timed),
             "warmup_seconds": sum(r["seconds"] for r in warm), "peak_memory_gb": peak,
-            "mlx_peak_gb": max(r["peak_memory_gb"] for r in rows)}
+            "mlx_peak_gb": max(r["peak_memory_gb"] for r in rows), "wall_seconds": wall,
+            "compute_path": RunInfo.load(work / name).compute_path}
 
 
 def bench_mlx_lm(model_dir: Path, updates: int, work: Path, texts: list[str]) -> dict:
@@ -97,7 +118,7 @@ def bench_mlx_lm(model_dir: Path, updates: int, work: Path, texts: list[str]) ->
                                                                "self_attn.v_proj"]}}))
     iters = (updates + WARMUP_UPDATES) * ACCUM
     log = work / "mlx_lm.log"
-    peak = run_measured([sys.executable, "-c", MLX_LM_LORA, "--model", str(model_dir), "--train", "--data",
+    peak, _ = run_measured([sys.executable, "-c", MLX_LM_LORA, "--model", str(model_dir), "--train", "--data",
                           str(data), "--iters", str(iters), "--batch-size", "1", "--grad-accumulation-steps",
                           str(ACCUM), "--num-layers", "-1", "--learning-rate", str(LR), "--max-seq-length",
                           str(MAX_LEN), "--steps-per-report", str(ACCUM), "--steps-per-eval", str(10 ** 6),
@@ -115,7 +136,7 @@ def bench_torch_in_subprocess(model_dir: Path, updates: int, work: Path) -> dict
     env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "_MLX_SURGICAL_BLAS_REEXEC")}
     env["MLX_SURGICAL_FAST_BLAS"] = "0"  # the torch process must not re-execute with OpenBLAS
     out = work / "torch.json"
-    peak = run_measured([sys.executable, __file__, "--torch-only", str(model_dir), "--updates", str(updates),
+    peak, _ = run_measured([sys.executable, __file__, "--torch-only", str(model_dir), "--updates", str(updates),
                          "--out", str(out)], work / "torch.log", env)
     return {**json.loads(out.read_text()), "peak_memory_gb": peak}
 
@@ -161,24 +182,28 @@ def main():
     if args.torch_only:
         args.out.write_text(json.dumps(bench_torch(args.torch_only, args.updates)))
         return
-    from mlx_surgical.backend import describe, measure_sgemm_gflops
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import load
 
+    from mlx_surgical.convert import convert_model
+    from mlx_surgical.model import load_tokenizer
+
+    print(f"cpu: {cpu_description()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         model_dir = build_tiny_model(work / "model", MODELS[args.model])
-        from mlx_surgical.model import load_tokenizer
-
+        quantized_dir = convert_model(str(model_dir), work / "model-4bit", bits=4, group_size=64, dtype="float32")
         tokenizer = load_tokenizer(str(model_dir))
         texts = [tokenizer.decode(ids[:MAX_LEN]) for ids, _ in examples(model_dir)]
-        results = {"mlx_surgical": bench_mlx_surgical(model_dir, args.updates, work),
+        results = {"mlx_surgical, first run": bench_mlx_surgical(model_dir, args.updates, work, "cold",
+                                                                  cold_environment(work)),
+                   "mlx_surgical": bench_mlx_surgical(model_dir, args.updates, work),
+                   "mlx_surgical 4-bit": bench_mlx_surgical(quantized_dir, args.updates, work, "q4"),
                    "mlx_lm.lora": bench_mlx_lm(model_dir, args.updates, work, texts)}
         if all(importlib.util.find_spec(m) for m in ("torch", "transformers", "peft")):
             results["PyTorch + PEFT"] = bench_torch_in_subprocess(model_dir, args.updates, work)
         else:
             print("PyTorch + PEFT skipped: torch, transformers or peft is not installed")
-        from mlx.utils import tree_flatten
-        from mlx_lm.utils import load
-
         params = sum(v.size for _, v in tree_flatten(load(str(model_dir))[0].parameters()))
     gflops = max(measure_sgemm_gflops(1024, 10) for _ in range(3))  # best of three: the machine is shared
     ceiling = gflops * 1e9 / (4 * params)  # forward + input-gradient backward, frozen weights
@@ -187,14 +212,20 @@ def main():
     print(f"model '{args.model}': {params / 1e6:.1f}M parameters; sgemm {gflops:.0f} GFLOP/s -> 4N FLOPs/token "
           f"ceiling {ceiling:.0f} tokens/s; {args.updates} timed updates of batch 1 x {ACCUM}")
     base = results["mlx_surgical"]["tokens_per_second"]
-    print(f"{'system':<16} {'tokens/s':>9} {'ours/this':>10} {'of ceiling':>11} {'warm-up s':>10} {'peak GB':>8} "
+    print(f"{'system':<24} {'tokens/s':>9} {'ours/this':>10} {'of ceiling':>11} {'warm-up s':>10} {'peak GB':>8} "
           f"{'MLX peak GB':>12}")
     for name, r in results.items():
         warm = f"{r['warmup_seconds']:.1f}" if r["warmup_seconds"] is not None else "-"
         peak = f"{r['peak_memory_gb']:.2f}" if r["peak_memory_gb"] is not None else "-"
         mlx_peak = f"{r['mlx_peak_gb']:.3f}" if "mlx_peak_gb" in r else "-"
-        print(f"{name:<16} {r['tokens_per_second']:>9.0f} {base / r['tokens_per_second']:>10.2f} "
+        print(f"{name:<24} {r['tokens_per_second']:>9.0f} {base / r['tokens_per_second']:>10.2f} "
               f"{r['tokens_per_second'] / ceiling:>11.0%} {warm:>10} {peak:>8} {mlx_peak:>12}")
+    cold, warm_run = results["mlx_surgical, first run"], results["mlx_surgical"]
+    extra = cold["wall_seconds"] - warm_run["wall_seconds"]
+    print(f"{results['mlx_surgical']['compute_path']}; 4-bit {results['mlx_surgical 4-bit']['compute_path']}")
+    print(f"first run on this machine: {cold['wall_seconds']:.1f} s against {warm_run['wall_seconds']:.1f} s with warm "
+          f"caches: +{extra:.1f} s once, {extra / FIVE_MINUTES:.0%} of a 5-minute run")
+    print(f"4-bit / float32 speed: {results['mlx_surgical 4-bit']['tokens_per_second'] / base:.2f}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""The optimised training loss (response positions only, chunked logits, CPU-fast math) must
-give the same loss and gradients as the plain path: mlx-lm's forward, full logits, MLX's
-cross-entropy."""
+"""The optimised training loss (response positions only, chunked logits, CPU-fast math,
+dequantized matmuls) must give the same loss and gradients as the plain path: mlx-lm's
+forward, full logits, MLX's cross-entropy, quantized_matmul. Every compute path that
+tuning.choose_path can pick is covered."""
 
 from functools import partial
 
@@ -13,7 +14,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_surgical import loss as loss_module
 from mlx_surgical.config import LoraConfig
 from mlx_surgical.data import Sample, collate
-from mlx_surgical.forward import fast_exp
+from mlx_surgical.forward import fast_exp, quantized_layers, set_dequantized_matmuls
 from mlx_surgical.loss import full_logits_cross_entropy, response_cross_entropy
 from mlx_surgical.model import load_model
 from mlx_surgical.surgery import attach_lora
@@ -94,3 +95,23 @@ def test_fast_exp_matches_exp_and_keeps_nan():
     np.testing.assert_allclose(got[normal], want[normal], rtol=1e-5)
     assert np.all(got[~normal] < 1e-37)
     assert np.isnan(np.array(fast_exp(mx.array([np.nan], mx.float32)))).all()
+
+
+@pytest.mark.parametrize("fast_math", [True, False])
+def test_dequantized_matmuls_give_the_quantized_paths_loss_and_gradients(model_dir, fast_math):
+    """On a 4-bit base the CPU path that dequantizes frozen weights inside the step computes
+    what MLX's quantized_matmul computes (both use the same 4-bit weights)."""
+    model = lora_model(model_dir)
+    nn.quantize(model, group_size=32, bits=4, class_predicate=lambda _, m: isinstance(m, (nn.Linear, nn.Embedding))
+                and m.weight.shape[-1] % 32 == 0)
+    assert quantized_layers(model), "the tiny model has quantizable layers"
+    batch = ragged_batch(model.args.vocab_size)
+    fused = partial(response_cross_entropy, fast_math=fast_math)
+    set_dequantized_matmuls(model, False)
+    native_loss, _, native_grads = loss_and_grads(model, fused, batch)
+    set_dequantized_matmuls(model, True)
+    loss, _, grads = loss_and_grads(model, fused, batch)
+    assert loss == pytest.approx(native_loss, rel=1e-5)
+    for name, g in native_grads.items():
+        np.testing.assert_allclose(np.array(grads[name]), np.array(g), atol=1e-4 * float(mx.abs(g).max()),
+                                   err_msg=name)

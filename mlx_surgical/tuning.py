@@ -1,0 +1,125 @@
+"""Which compute path trains fastest on this machine, chosen by measuring it.
+
+On MLX's CPU backend two paths are choices rather than wins: the CPU fast math of forward.py
+(an exp from multiply-adds, attention and SwiGLU with their own VJPs) was 1.3x faster than
+MLX's own ops on an AMD Zen 5, equal on a Zen 3 and 2.9x slower on an Intel Sapphire Rapids;
+and a quantized base's matmuls can run as MLX's quantized_matmul or as dequantize + float
+matmul. So the first run of a model shape on a machine times a few real training steps of
+each candidate on the run's own batches, keeps the fastest, and caches the choice (with the
+measured rates, which `mlx-surgical doctor` shows) per CPU, MLX version and model shape. On
+Metal and CUDA the model's own forward with MLX's fused kernels always runs.
+"""
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable, Optional
+
+import mlx.core as mx
+
+from .backend import cache_dir, cpu_description
+from .files import read_json_or_empty, write_json_atomic
+from .forward import on_cpu_backend, quantized_layers, set_dequantized_matmuls
+from .shape import ModelShape
+from .train import compiled_grad_step
+
+CHOICES_FILE = "cpu_paths.json"
+TIMED_STEPS = 3
+# A candidate whose first timed step is this many times slower than the best so far is not
+# timed further: MLX's quantized_matmul on the CPU can take a minute per step on a large model.
+GIVE_UP_FACTOR = 3.0
+
+
+@dataclass(frozen=True)
+class ComputePath:
+    fast_math: bool  # forward.py's CPU fast math, else MLX's own ops
+    dequantize: bool  # frozen quantized layers: dequantize + float matmul, else quantized_matmul
+
+    def describe(self) -> str:
+        math = "fast math" if self.fast_math else "MLX ops"
+        return f"{math}, dequantized matmuls" if self.dequantize else math
+
+
+@dataclass
+class PathChoice:
+    path: ComputePath
+    how: str  # "measured", "cached", "set in the config", "not a CPU"
+    seconds_per_step: dict  # candidate description -> measured seconds per micro-batch
+
+    def describe(self) -> str:
+        rates = describe_rates(self.seconds_per_step)
+        return f"compute path: {self.path.describe()} ({self.how}{'; ' + rates if rates else ''})"
+
+
+def describe_rates(seconds_per_step: dict) -> str:
+    rates = ", ".join(f"{name} {seconds * 1000:.0f} ms" for name, seconds in seconds_per_step.items())
+    return f"{rates} per micro-batch" if rates else ""
+
+
+def choice_key(shape: ModelShape, dtype: str, grad_checkpoint: bool) -> str:
+    parts = [cpu_description(), mx.__version__, shape.fingerprint(), str(shape.quant_bits), dtype, str(grad_checkpoint)]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def cached_choices() -> dict:
+    return read_json_or_empty(cache_dir() / CHOICES_FILE)
+
+
+def candidates(model, fast_math: str, dequantize: str) -> list[ComputePath]:
+    """The paths allowed by the settings ("auto" allows both), cheapest to compile first."""
+    math_options = {"auto": (False, True), "fast": (True,), "plain": (False,)}[fast_math]
+    quantized = bool(quantized_layers(model))
+    dequant_options = {"auto": (True, False), "dequantize": (True,), "native": (False,)}[dequantize] \
+        if quantized else (False,)
+    return [ComputePath(m, d) for d in dequant_options for m in math_options]
+
+
+def seconds_per_step(model, loss_for: Callable[[ComputePath], Callable], path: ComputePath, batches: list,
+                     give_up_after: Optional[float]) -> float:
+    """Mean seconds of a compiled forward + backward micro-step on these batches, after one
+    warm-up step per batch shape (which pays for tracing and compiling)."""
+    set_dequantized_matmuls(model, path.dequantize)
+    step = compiled_grad_step(model, loss_for(path), [model.state, mx.random.state])
+    inputs = [list(map(mx.array, b.loss_inputs())) for b in batches]
+    for batch in inputs:
+        mx.eval(step(*batch))
+    times = []
+    for i in range(TIMED_STEPS):
+        tic = time.perf_counter()
+        mx.eval(step(*inputs[i % len(inputs)]))
+        times.append(time.perf_counter() - tic)
+        if give_up_after is not None and times[0] > give_up_after:
+            break
+    return sum(times) / len(times)
+
+
+def choose_path(model, shape: ModelShape, dtype: str, grad_checkpoint: bool, fast_math: str, dequantize: str,
+                loss_for: Callable[[ComputePath], Callable], batches: list,
+                log: Callable[[str], None] = print) -> PathChoice:
+    """The compute path for this run, applied to the model (quantized layers switched)."""
+    if not on_cpu_backend():
+        return PathChoice(ComputePath(False, False), "not a CPU", {})
+    options = candidates(model, fast_math, dequantize)
+    key = choice_key(shape, dtype, grad_checkpoint)
+    cached = cached_choices().get(key)
+    if len(options) == 1:
+        choice = PathChoice(options[0], "set in the config", {})
+    elif cached and ComputePath(**cached["path"]) in options:
+        choice = PathChoice(ComputePath(**cached["path"]), "cached", cached["seconds_per_step"])
+    else:
+        log(f"measuring {len(options)} compute paths on this CPU ({cpu_description()}); once per model shape")
+        timings = {}
+        for path in options:
+            best = min(timings.values(), default=None)
+            timings[path] = seconds_per_step(model, loss_for, path, batches,
+                                             GIVE_UP_FACTOR * best if best is not None else None)
+        fastest = min(timings, key=timings.get)
+        choice = PathChoice(fastest, "measured", {p.describe(): s for p, s in timings.items()})
+        choices = cached_choices()
+        choices[key] = {"cpu": cpu_description(), "mlx": mx.__version__, "model": shape.describe(), "dtype": dtype,
+                        "grad_checkpoint": grad_checkpoint, "path": asdict(fastest),
+                        "seconds_per_step": choice.seconds_per_step, "measured": time.strftime("%Y-%m-%d %H:%M")}
+        write_json_atomic(cache_dir() / CHOICES_FILE, choices)
+    set_dequantized_matmuls(model, choice.path.dequantize)
+    return choice

@@ -1,0 +1,72 @@
+"""The compute path is measured once per machine and model shape, cached, and can be forced."""
+
+import json
+
+import mlx.nn as nn
+import pytest
+
+from mlx_surgical.backend import CACHE_ENV, cpu_description
+from mlx_surgical.config import LoraConfig
+from mlx_surgical.data import BatchStream, PromptFormat, read_records, sample_path
+from mlx_surgical.data import encode_records
+from mlx_surgical.forward import DequantizingLinear, quantized_layers
+from mlx_surgical.loss import training_loss
+from mlx_surgical.model import load_model
+from mlx_surgical.rundir import RunInfo
+from mlx_surgical.surgery import attach_lora
+from mlx_surgical.tuning import CHOICES_FILE, choose_path
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    return tmp_path / "cache" / CHOICES_FILE
+
+
+def prepared(tiny_model, quantize=False):
+    loaded = load_model(str(tiny_model), dtype="float32")
+    if quantize:
+        nn.quantize(loaded.model, group_size=32, bits=4)
+    attach_lora(loaded.model, LoraConfig(), seed=0)
+    records = read_records(sample_path("train"))[:4]
+    samples = encode_records(records, PromptFormat(loaded.tokenizer), 512, "truncate", True).samples
+    stream = BatchStream(samples, 1, 0, 512)
+    return loaded, [stream.batch(i) for i in range(2)]
+
+
+def choose(loaded, batches, cpu_math="auto", quantized="auto"):
+    return choose_path(loaded.model, loaded.shape, "float32", False, cpu_math, quantized,
+                       lambda path: training_loss(loaded.model, False, path.fast_math), batches, log=lambda _: None)
+
+
+def test_auto_measures_once_then_uses_the_cached_choice(tiny_model, cache):
+    loaded, batches = prepared(tiny_model)
+    first = choose(loaded, batches)
+    assert first.how == "measured" and set(first.seconds_per_step) == {"MLX ops", "fast math"}
+    assert all(s > 0 for s in first.seconds_per_step.values())
+    assert first.seconds_per_step[first.path.describe()] == min(first.seconds_per_step.values())
+    [entry] = json.loads(cache.read_text()).values()
+    assert entry["cpu"] == cpu_description() and entry["path"]["fast_math"] == first.path.fast_math
+    again = choose(loaded, batches)
+    assert (again.how, again.path) == ("cached", first.path)
+
+
+def test_a_forced_setting_is_not_measured(tiny_model, cache):
+    loaded, batches = prepared(tiny_model)
+    assert choose(loaded, batches, cpu_math="plain").path.fast_math is False
+    forced = choose(loaded, batches, cpu_math="fast")
+    assert forced.path.fast_math is True and forced.how == "set in the config"
+    assert not cache.exists()
+
+
+def test_a_quantized_base_also_chooses_its_matmul(tiny_model, cache):
+    loaded, batches = prepared(tiny_model, quantize=True)
+    choice = choose(loaded, batches, cpu_math="plain")
+    assert {"MLX ops", "MLX ops, dequantized matmuls"} <= set(choice.seconds_per_step)
+    layers = quantized_layers(loaded.model)
+    assert layers and all(isinstance(m, DequantizingLinear) or hasattr(m, "dequantize") for m in layers)
+    assert all(m.dequantize == choice.path.dequantize for m in layers)
+
+
+def test_the_run_records_its_compute_path(trained_run):
+    assert RunInfo.load(trained_run).compute_path.startswith("compute path: ")
