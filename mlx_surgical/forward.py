@@ -86,6 +86,12 @@ def on_cpu_backend() -> bool:
     return mx.default_device() == mx.cpu
 
 
+def _float_weight(layer, dtype) -> mx.array:
+    weight = mx.dequantize(layer["weight"], layer["scales"], layer.get("biases"), layer.group_size, layer.bits,
+                           mode=layer.mode)
+    return weight.astype(dtype)
+
+
 class DequantizingLinear(nn.QuantizedLinear):
     """A frozen QuantizedLinear that, when `dequantize` is set, multiplies by its weight
     dequantized to the input's dtype (BLAS speed on the CPU) instead of quantized_matmul. The
@@ -96,9 +102,7 @@ class DequantizingLinear(nn.QuantizedLinear):
     def __call__(self, x: mx.array) -> mx.array:
         if not self.dequantize:
             return super().__call__(x)
-        weight = mx.dequantize(self["weight"], self["scales"], self.get("biases"), self.group_size, self.bits,
-                               mode=self.mode)
-        y = x @ weight.astype(x.dtype).T
+        y = x @ _float_weight(self, x.dtype).T
         return y + self["bias"] if "bias" in self else y
 
 
@@ -110,9 +114,7 @@ class DequantizingEmbedding(nn.QuantizedEmbedding):
     def as_linear(self, x: mx.array) -> mx.array:
         if not self.dequantize:
             return super().as_linear(x)
-        weight = mx.dequantize(self["weight"], self["scales"], self.get("biases"), self.group_size, self.bits,
-                               mode=self.mode)
-        return x @ weight.astype(x.dtype).T
+        return x @ _float_weight(self, x.dtype).T
 
 
 def quantized_layers(model) -> list:
