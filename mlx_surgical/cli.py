@@ -307,15 +307,17 @@ def adapters_rm(root, name, yes):
 @click.option("--workspace", default=".", show_default=True, type=click.Path(file_okay=False),
               help="Holds jobs/ and adapters/; data files in requests must be inside it.")
 @click.option("--allow-remote", is_flag=True, help="Bind beyond loopback without a token.")
+@click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
+              help="Also accept this name in the Host and Origin headers (a reverse proxy's); repeatable.")
 @click.option("--max-body-mb", type=float, default=20, show_default=True, help="Largest request body.")
 @user_errors
-def serve_cmd(host, port, token, workspace, allow_remote, max_body_mb):
-    """Local REST server: start, watch, stop and resume training over HTTP."""
+def serve_cmd(host, port, token, workspace, allow_remote, allow_hosts, max_body_mb):
+    """Local REST server and dashboard: start, watch, stop and resume training over HTTP."""
     try:
         from .server import serve
     except ImportError as e:
         raise UserError(f"serve needs the server extra ({e.name} is missing): pip install 'mlx-surgical[server]'")
-    serve(host, port, Path(workspace), token, allow_remote, int(max_body_mb * 1024 * 1024))
+    serve(host, port, Path(workspace), token, allow_remote, int(max_body_mb * 1024 * 1024), allow_hosts)
 
 
 @cli.command("doctor")

@@ -303,12 +303,26 @@ def save_config(config: RunConfig, path: str | Path) -> None:
     Path(path).write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
 
 
+def settings_help() -> dict[str, dict[str, dict]]:
+    """Every setting's default, help text and (for closed choices) the values it takes, by section:
+    for `config-help` and the dashboard's form."""
+    described = {}
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        described[section] = {}
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            choices = (list(PROJECTION_PATHS) if f.name == "target_modules"
+                       else list(typing.get_args(hints[f.name])) if typing.get_origin(hints[f.name]) is Literal else None)
+            described[section][f.name] = {"default": default, "help": f.metadata["help"], "choices": choices}
+    return described
+
+
 def help_lines() -> list[str]:
     """Every setting with its default and help text, for `mlx-surgical config-help`."""
     lines = []
-    for section, cls in SECTIONS.items():
+    for section, settings in settings_help().items():
         lines.append(f"[{section}]")
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            lines.append(f"  {f.name} = {json.dumps(default)}\n      {f.metadata['help']}")
+        for name, setting in settings.items():
+            lines.append(f"  {name} = {json.dumps(setting['default'])}\n      {setting['help']}")
     return lines

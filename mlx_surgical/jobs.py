@@ -110,9 +110,10 @@ class JobStore:
                 self.put(job)
 
 
-def prepare_config(raw: dict, store: JobStore) -> RunConfig:
+def prepare_config(raw: dict, store: JobStore) -> tuple[RunConfig, list[str]]:
     """The request's config, checked like `mlx-surgical validate` and confined to the
-    workspace: data files must resolve inside it and runs are written to its adapters/."""
+    workspace: data files must resolve inside it and runs are written to its adapters/.
+    Returns it with validate's notes."""
     from .pipeline import validate_run  # loads MLX for the tokenizer; the rest of the server never does
 
     config = config_from_dict(raw, source="config")
@@ -141,8 +142,7 @@ def prepare_config(raw: dict, store: JobStore) -> RunConfig:
     model = Path(config.model.path)
     if not model.is_absolute() and (store.workspace / model).exists():
         config.model.path = str(store.workspace / model)
-    validate_run(config)
-    return config
+    return config, validate_run(config)
 
 
 class Scheduler:

@@ -1,9 +1,16 @@
-"""Shared fixtures: a tiny model built once per session, and configs that train it briefly.
+"""Shared fixtures: a tiny model built once per session, configs that train it briefly, and
+`mlx-surgical serve` on a free loopback port.
 
 The suite runs offline (HF_HUB_OFFLINE) and, on Linux, re-executes itself once with
 OpenBLAS preloaded exactly as the CLI does (see mlx_surgical/backend.py)."""
 
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -66,3 +73,55 @@ def other_tiny_model(tmp_path_factory):
     from mlx_surgical.tiny import TinyShape
 
     return build_tiny_model(tmp_path_factory.mktemp("models") / "other", TinyShape(layers=3, hidden_size=128))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`mlx-surgical serve` in a subprocess; `banner` holds the lines it printed at start-up."""
+
+    def __init__(self, workspace: Path, *args):
+        import httpx
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen([sys.executable, "-m", "mlx_surgical", "serve", "--port", str(self.port),
+                                         "--workspace", str(workspace), *args],
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{self.url}/api/health", timeout=1).status_code == 200:
+                    self.banner = [self.process.stdout.readline().strip() for _ in range(3)]
+                    return
+            except httpx.TransportError:
+                time.sleep(0.2)
+        self.process.kill()
+        raise RuntimeError(f"server did not start: {self.process.stdout.read()}")
+
+    def client(self, **kwargs):
+        import httpx
+
+        return httpx.Client(base_url=self.url, timeout=30, **kwargs)
+
+    def close(self, sig=signal.SIGTERM):
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(timeout=30)
+
+
+@pytest.fixture
+def start_server(tmp_path):
+    servers = []
+
+    def start(*args, workspace=None):
+        servers.append(Server(workspace or tmp_path / "workspace", *args))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()

@@ -3,65 +3,19 @@
 import io
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
 import zipfile
-from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
 EXAMPLES = [{"instruction": f"Write function number {i}", "response": f"def f{i}(x):\n    return x + {i}"}
             for i in range(6)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, workspace: Path, *args):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen([sys.executable, "-m", "mlx_surgical", "serve", "--port", str(self.port),
-                                         "--workspace", str(workspace), *args],
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if httpx.get(f"{self.url}/api/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                time.sleep(0.2)
-        self.process.kill()
-        raise RuntimeError(f"server did not start: {self.process.stdout.read()}")
-
-    def client(self, **kwargs) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=30, **kwargs)
-
-    def close(self, sig=signal.SIGTERM):
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            self.process.wait(timeout=30)
-
-
-@pytest.fixture
-def start_server(tmp_path):
-    servers = []
-
-    def start(*args, workspace=None):
-        servers.append(Server(workspace or tmp_path / "workspace", *args))
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        server.close()
 
 
 def job_config(tiny_model, name: str, iters: int = 4, **training) -> dict:
@@ -125,6 +79,20 @@ def test_a_job_posted_as_a_file_is_followed_to_success_and_downloaded(start_serv
             names = zipfile.ZipFile(io.BytesIO(download.content)).namelist()
             assert any(n.endswith(expected) for n in names), names
 
+        # What the dashboard reads about a run: its metrics, resolved config and plan.
+        assert client.get("/api/adapters/first/metrics").json() == metrics
+        resolved = client.get("/api/adapters/first/config").json()
+        assert resolved["training"]["iters"] == 4 and resolved["output"]["dir"].endswith("adapters")
+        plan = client.get("/api/adapters/first/plan").json()
+        assert plan["schedule"]["updates"] == 4
+        assert plan["trainable_parameters"] == client.get("/api/adapters/first").json()["trainable_parameters"]
+        checked = client.post("/api/adapters/first/verify").json()["checked"]
+        assert any("checksum ok" in line for line in checked) and "shapes fit" in checked[-1]
+
+        deleted = client.delete("/api/adapters/first")
+        assert deleted.status_code == 200 and client.get("/api/adapters").json() == []
+        assert client.delete("/api/adapters/first").status_code == 404
+
 
 def test_queue_stop_and_exact_resume(start_server, tiny_model):
     server = start_server()
@@ -183,7 +151,8 @@ def test_bad_requests_are_refused_with_every_problem(start_server, tiny_model, t
         huge = client.post("/api/training/start", content=b"{" + b" " * (2 * 1024 * 1024) + b"}",
                            headers={"Content-Type": "application/json"})
         assert huge.status_code == 413
-        assert client.post("/api/training/start", content=b"{not json").status_code == 422
+        malformed = client.post("/api/training/start", content=b"{not json", headers={"Content-Type": "application/json"})
+        assert malformed.status_code == 422 and "malformed JSON" in malformed.json()["problems"][0]
         assert client.get("/api/training/jobs/0123456789ab").status_code == 404
         assert client.get("/api/adapters/nothing").status_code == 404
 
@@ -194,13 +163,58 @@ def test_bad_requests_are_refused_with_every_problem(start_server, tiny_model, t
         wait_for(client, first.json()["id"], lambda j: j["state"] == "succeeded")
 
 
+def test_uploads_and_validate_answer_in_validate_words(start_server, tiny_model):
+    server = start_server()
+    with server.client() as client:
+        text = "".join(json.dumps(e) + "\n" for e in EXAMPLES)
+        saved = client.post("/api/uploads", json={"name": "mine.jsonl", "text": text})
+        assert saved.status_code == 200 and saved.json()["examples"] == len(EXAMPLES)
+        path = saved.json()["path"]
+        assert path.startswith("uploads/") and path.endswith("-mine.jsonl")
+        assert client.post("/api/uploads", json={"name": "mine.jsonl", "text": text}).json()["path"] == path
+
+        bad = client.post("/api/uploads", json={"name": "bad.jsonl", "text": text + "{oops\n"})
+        assert bad.status_code == 422
+        assert bad.json()["problems"] == [f"bad.jsonl:{len(EXAMPLES) + 1}: malformed JSON line (Expecting property "
+                                          "name enclosed in double quotes at column 2); each line must be one JSON "
+                                          "object"]
+        assert client.post("/api/uploads", json={"name": "../x.jsonl", "text": text}).status_code == 422
+        assert client.post("/api/uploads", json={"name": "notes.txt", "text": text}).status_code == 422
+
+        config = job_config(tiny_model, "checked")
+        config["data"] = {"train": path}
+        valid = client.post("/api/training/validate", json=config)
+        assert valid.status_code == 200, valid.text
+        assert valid.json()["run_name"] == "checked" and f"train: {len(EXAMPLES)} examples" in valid.json()["notes"]
+        config["training"]["learning_rate"] = 0
+        refused = client.post("/api/training/validate", json=config)
+        assert refused.status_code == 422
+        assert refused.json()["problems"] == ["config: training.learning_rate: must be positive"]
+        assert client.get("/api/training/jobs").json() == []  # validating starts nothing
+
+        presets = {p["name"]: p["config"] for p in client.get("/api/presets").json()}
+        assert {"surgical", "nuclear", "tiny"} <= set(presets) and presets["surgical"]["lora"]["rank"] == 8
+        settings = client.get("/api/config/settings").json()
+        assert settings["training"]["learning_rate"]["default"] == 1e-4
+        assert settings["model"]["dtype"]["choices"] == ["auto", "float32", "float16", "bfloat16"]
+
+
 def test_token_and_bind_safety(start_server, tmp_path):
     server = start_server("--token", "s3cret")
+    assert server.banner[0].endswith(f"http://127.0.0.1:{server.port}/?token=s3cret")
+    assert "token is required" in server.banner[2]
     with server.client() as client:
-        assert client.get("/api/health").status_code == 200
+        assert client.get("/api/health").json() == {"status": "up"}  # says nothing more without the token
+        assert client.get("/api/health", headers={"Authorization": "Bearer s3cret"}).json()["version"]
         assert client.get("/api/training/jobs").status_code == 401
         assert client.get("/api/training/jobs", headers={"Authorization": "Bearer wrong"}).status_code == 401
         assert client.get("/api/training/jobs", headers={"Authorization": "Bearer s3cret"}).json() == []
+        assert client.get("/api/training/jobs", headers={"Authorization": "bearer s3cret"}).status_code == 200
+        assert client.get("/openapi.json").status_code == 401
+        page = client.get("/")  # the dashboard itself holds no data: it asks for the token
+        assert page.status_code == 200 and "/static/app.js" in page.text
+        assert "frame-ancestors 'none'" in page.headers["content-security-policy"]
+        assert client.get("/static/vendor/uPlot.LICENSE").status_code == 200
     refused = subprocess.run([sys.executable, "-m", "mlx_surgical", "serve", "--host", "0.0.0.0", "--port",
                               str(free_port()), "--workspace", str(tmp_path)], capture_output=True, text=True,
                              timeout=60)
@@ -248,3 +262,39 @@ def test_a_crashing_worker_fails_its_job_and_the_server_carries_on(start_server,
         while client.get("/api/health").json()["status"] != "idle" and time.time() < deadline:
             time.sleep(0.1)
         assert client.get("/api/health").json()["status"] == "idle"
+
+
+def test_other_web_pages_cannot_drive_the_server(start_server, tiny_model):
+    """What a hostile page can make a browser send: a simple (unpreflighted) cross-origin POST with
+    a text/plain or form body, and any request under a rebound DNS name."""
+    server = start_server("--allow-host", "proxy.example")
+    own = f"http://127.0.0.1:{server.port}"
+    body = json.dumps(job_config(tiny_model, "sneaked", iters=1))
+    refused = [
+        ({"Origin": "http://evil.example", "Content-Type": "text/plain"}, 403),
+        ({"Origin": "http://evil.example", "Content-Type": "application/json"}, 403),
+        ({"Origin": "null", "Content-Type": "application/json"}, 403),
+        ({"Origin": f"http://127.0.0.1:{free_port()}", "Content-Type": "application/json"}, 403),  # another local app
+        ({"Origin": own, "Content-Type": "application/json", "Sec-Fetch-Site": "cross-site"}, 403),
+        ({"Content-Type": "text/plain"}, 415),
+        ({"Content-Type": "application/x-www-form-urlencoded"}, 415),
+        ({"Content-Type": "multipart/form-data; boundary=x"}, 415),
+        ({"Host": "evil.example", "Content-Type": "application/json"}, 403),
+        ({"Host": f"attacker.example:{server.port}", "Content-Type": "application/json"}, 403),
+    ]
+    with server.client() as client:
+        for headers, status in refused:
+            answer = client.post("/api/training/start", content=body, headers=headers)
+            assert answer.status_code == status, (headers, answer.text)
+            assert answer.json()["problems"], headers
+        assert client.get("/api/training/jobs").json() == []
+        for path in ("/api/health", "/api/training/jobs", "/api/adapters", "/"):  # DNS rebinding reads nothing
+            assert client.get(path, headers={"Host": f"rebound.example:{server.port}"}).status_code == 403
+
+        for host in ("localhost", "[::1]", "127.0.0.1", "proxy.example", "PROXY.example"):
+            assert client.get("/api/training/jobs", headers={"Host": f"{host}:{server.port}"}).status_code == 200
+        assert client.get("/api/health", headers={"Origin": "https://proxy.example"}).status_code == 200
+        same = client.post("/api/training/start", content=body,
+                           headers={"Origin": own, "Content-Type": "application/json; charset=utf-8"})
+        assert same.status_code == 202, same.text  # the dashboard's own request
+        wait_for(client, same.json()["id"], lambda j: j["state"] == "succeeded")
