@@ -303,7 +303,8 @@ def adapters_rm(root, name, yes):
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", type=int, default=5001, show_default=True)
 @click.option("--token", default=None, envvar="MLX_SURGICAL_TOKEN",
-              help="Require 'Authorization: Bearer TOKEN' on every route but /api/health.")
+              help="Require 'Authorization: Bearer TOKEN' on every route but the dashboard's page and a bare "
+                   "/api/health.")
 @click.option("--workspace", default=".", show_default=True, type=click.Path(file_okay=False),
               help="Holds jobs/ and adapters/; data files in requests must be inside it.")
 @click.option("--allow-remote", is_flag=True, help="Bind beyond loopback without a token.")

@@ -312,8 +312,9 @@ def settings_help() -> dict[str, dict[str, dict]]:
         described[section] = {}
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            closed = typing.get_origin(hints[f.name]) is Literal
             choices = (list(PROJECTION_PATHS) if f.name == "target_modules"
-                       else list(typing.get_args(hints[f.name])) if typing.get_origin(hints[f.name]) is Literal else None)
+                       else list(typing.get_args(hints[f.name])) if closed else None)
             described[section][f.name] = {"default": default, "help": f.metadata["help"], "choices": choices}
     return described
 

@@ -125,7 +125,7 @@ def test_a_run_started_from_the_form_is_watched_stopped_resumed_compared_and_dow
     # race (issue 17: a resume within moments of a stop reads the old worker's exit as a crash).
     with server.client(headers={"Authorization": f"Bearer {TOKEN}"}) as client:
         deadline = time.time() + 60
-        while next(j for j in client.get("/api/training/jobs").json() if j["run_name"] == "second")["state"] == "queued":
+        while {j["run_name"]: j["state"] for j in client.get("/api/training/jobs").json()}["second"] == "queued":
             assert time.time() < deadline
             time.sleep(0.1)
     page.click("#resume")

@@ -151,7 +151,8 @@ def test_bad_requests_are_refused_with_every_problem(start_server, tiny_model, t
         huge = client.post("/api/training/start", content=b"{" + b" " * (2 * 1024 * 1024) + b"}",
                            headers={"Content-Type": "application/json"})
         assert huge.status_code == 413
-        malformed = client.post("/api/training/start", content=b"{not json", headers={"Content-Type": "application/json"})
+        malformed = client.post("/api/training/start", content=b"{not json",
+                                headers={"Content-Type": "application/json"})
         assert malformed.status_code == 422 and "malformed JSON" in malformed.json()["problems"][0]
         assert client.get("/api/training/jobs/0123456789ab").status_code == 404
         assert client.get("/api/adapters/nothing").status_code == 404
@@ -288,6 +289,9 @@ def test_other_web_pages_cannot_drive_the_server(start_server, tiny_model):
             assert answer.status_code == status, (headers, answer.text)
             assert answer.json()["problems"], headers
         assert client.get("/api/training/jobs").json() == []
+        preflight = client.options("/api/training/start", headers={"Origin": "http://evil.example",
+                                                                   "Access-Control-Request-Method": "POST"})
+        assert preflight.status_code == 403 and "access-control-allow-origin" not in preflight.headers
         for path in ("/api/health", "/api/training/jobs", "/api/adapters", "/"):  # DNS rebinding reads nothing
             assert client.get(path, headers={"Host": f"rebound.example:{server.port}"}).status_code == 403
 

@@ -17,6 +17,7 @@ import tempfile
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Iterable, Optional
+from urllib.parse import quote
 
 from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, StreamingResponse
@@ -226,7 +227,7 @@ def dashboard_url(host: str, port: int, token: Optional[str], allow_hosts: Itera
     """The address to open: a wildcard bind is reached through an allowed name or loopback."""
     name = host if host not in WILDCARD else next(iter(allow_hosts), "127.0.0.1")
     name = f"[{name}]" if ":" in name else name
-    return f"http://{name}:{port}/" + (f"?token={token}" if token else "")
+    return f"http://{name}:{port}/" + (f"?token={quote(token, safe='')}" if token else "")
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -249,8 +250,8 @@ def serve(host: str, port: int, workspace: Path, token: Optional[str], allow_rem
 
     check_bind(host, token, allow_remote)
     allow_hosts = tuple(allow_hosts)
-    app = create_app(workspace, token, max_body, host, allow_hosts)
     sock = bind(host, port)
+    app = create_app(workspace, token, max_body, host, allow_hosts)
     lines = [f"mlx-surgical serve: dashboard and API at {dashboard_url(host, port, token, allow_hosts)}",
              f"  workspace {Path(workspace).resolve()}",
              "  a token is required (Authorization: Bearer; the URL above carries it for the dashboard)" if token

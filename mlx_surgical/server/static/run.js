@@ -117,7 +117,7 @@ export async function runView(main, { signal, arg: name }) {
       if (type === "state") {
         job = data;
         renderStatus();
-        refreshHealth();
+        setTimeout(refreshHealth, 1500); // the server is idle once it has reaped the worker
         loadRunFiles();
         return;
       }

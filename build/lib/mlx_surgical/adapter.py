@@ -1,0 +1,222 @@
+"""The adapter on disk: `adapters.safetensors` + `adapter_config.json`, in mlx-lm's own format,
+so `mlx_lm.generate --adapter-path` loads a run directory (or an mlx export) as it is.
+
+The config also carries what mlx-lm ignores and other consumers need: `lora_alpha` (PEFT and
+llama.cpp think in alpha, mlx-lm keeps only scale = alpha / rank), the base model's
+fingerprint and shape (so an adapter is never applied to another base), and the prompt
+format it was trained with (so generation prompts the same way). This module is the one
+place that writes and reads both files; surgery.py attaches adapters to a model in memory.
+Nothing here imports MLX: weights are read and written as numpy arrays.
+"""
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from .config import LoraConfig
+from .errors import UserError, parse_user_json, read_user_text
+from .files import staged_file, write_json_atomic
+from .rundir import ADAPTER_CONFIG, ADAPTER_FILE
+from .shape import PROJECTION_PATHS, PROJECTIONS, ModelShape, local_shape
+
+LAYER_PREFIX = "model.layers."  # "model.layers.3.self_attn.q_proj.lora_a"
+
+
+@dataclass
+class BaseModelRecord:
+    """The base model an adapter was trained on."""
+
+    path: str  # as the config gave it: a repo id or a path relative to where training ran
+    resolved_path: str  # where it was on disk when training ran
+    fingerprint: str
+    shape: str  # ModelShape.describe()
+    num_layers: int
+    config: dict  # ModelShape's fields
+
+    def model_shape(self) -> ModelShape:
+        return ModelShape(**self.config)
+
+
+@dataclass
+class PromptRecord:
+    format: str = "auto"
+    system_prompt: Optional[str] = None
+
+
+@dataclass
+class AdapterConfig:
+    """adapter_config.json."""
+
+    rank: int
+    scale: float
+    alpha: float
+    dropout: float
+    target_modules: list[str]  # short names, in PROJECTIONS order
+    num_layers: int  # adapted layers, counted from the last
+    base: Optional[BaseModelRecord] = None
+    prompt: PromptRecord = field(default_factory=PromptRecord)
+    update: Optional[int] = None  # best/ only: the update and validation loss it was saved at
+    val_loss: Optional[float] = None
+
+    @classmethod
+    def for_run(cls, lora: LoraConfig, shape: ModelShape, base_model: str, resolved_path: str,
+                prompt: PromptRecord) -> "AdapterConfig":
+        layers = adapted_layer_count(lora, shape.num_layers)
+        return cls(rank=lora.rank, scale=lora.scale, alpha=lora.alpha, dropout=lora.dropout,
+                   target_modules=[p for p in PROJECTIONS if p in lora.target_modules], num_layers=layers,
+                   base=BaseModelRecord(base_model, resolved_path, shape.fingerprint(), shape.describe(),
+                                        shape.num_layers, asdict(shape)),
+                   prompt=prompt)
+
+    def to_dict(self) -> dict:
+        params = lora_parameters(self.rank, self.scale, self.dropout, self.target_modules)
+        data = {"fine_tune_type": "lora", "num_layers": self.num_layers, "lora_parameters": params,
+                "lora_alpha": self.alpha, "target_modules": self.target_modules,
+                "base_model": asdict(self.base) if self.base else None, "prompt": asdict(self.prompt)}
+        if self.update is not None:
+            data.update(update=self.update, val_loss=self.val_loss)
+        return data
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str) -> "AdapterConfig":
+        """Our configs, and plain mlx-lm adapter configs (no alpha, base or prompt)."""
+        if raw.get("fine_tune_type", "lora") != "lora":
+            raise UserError(f"{source}: only LoRA adapters are supported (found {raw.get('fine_tune_type')})")
+        try:
+            params = raw["lora_parameters"]
+            rank, scale = int(params["rank"]), float(params["scale"])
+            keys = params.get("keys") or ["self_attn.q_proj", "self_attn.v_proj"]  # mlx-lm's default
+            base = raw.get("base_model")
+            return cls(rank=rank, scale=scale, alpha=float(raw.get("lora_alpha") or scale * rank),
+                       dropout=float(params.get("dropout", 0.0)),
+                       target_modules=[p for p in PROJECTIONS if PROJECTION_PATHS[p] in keys],
+                       num_layers=int(raw["num_layers"]),
+                       base=BaseModelRecord(**base) if isinstance(base, dict) and base.get("config") else None,
+                       prompt=PromptRecord(**(raw.get("prompt") or {})),
+                       update=raw.get("update"), val_loss=raw.get("val_loss"))
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{source}: not a LoRA adapter config mlx_surgical can read ({type(e).__name__}: {e})")
+
+    @classmethod
+    def read(cls, directory: str | Path) -> "AdapterConfig":
+        path = Path(directory) / ADAPTER_CONFIG
+        if not path.exists():
+            raise UserError(f"{directory}: no {ADAPTER_CONFIG}; give a run directory or an mlx export")
+        return cls.from_dict(parse_user_json(read_user_text(path, "adapter config"), path), str(path))
+
+    @property
+    def base_model(self) -> str:
+        return self.base.path if self.base else ""
+
+    @property
+    def local_base_model(self) -> str:
+        """Where the base was on disk when training ran (a relative path in the config is
+        relative to wherever training was started), else the recorded path or repo id."""
+        if self.base and self.base.resolved_path and Path(self.base.resolved_path).exists():
+            return self.base.resolved_path
+        return self.base_model
+
+    def base_shape(self) -> ModelShape:
+        """The base model's shape as recorded at training time, else read from the base model."""
+        if self.base:
+            return self.base.model_shape()
+        if not self.base_model or not Path(self.base_model).is_dir():
+            raise UserError("this adapter records no base model; name the base model explicitly")
+        return local_shape(Path(self.base_model))
+
+    def check_fits(self, shape: ModelShape, base_path: str, directory: str | Path) -> None:
+        """Refuse, naming both models, to apply this adapter to a base of another shape."""
+        if self.base and self.base.fingerprint != shape.fingerprint():
+            raise UserError(f"{directory}: this adapter was trained on {self.base.path} ({self.base.shape}), "
+                            f"not on {base_path} ({shape.describe()}); use the base model it was trained on")
+        if self.num_layers > shape.num_layers:
+            raise UserError(f"{directory}: the adapter covers {self.num_layers} layers but {base_path} "
+                            f"has {shape.num_layers}; use the base model it was trained on")
+
+
+def lora_parameters(rank: int, scale: float, dropout: float, target_modules: list[str]) -> dict:
+    """The `lora_parameters` block of mlx-lm's adapter config; mlx-lm scales by `scale` alone."""
+    return {"rank": rank, "scale": scale, "dropout": dropout,
+            "keys": [PROJECTION_PATHS[t] for t in PROJECTIONS if t in target_modules]}
+
+
+def adapted_layer_count(lora: LoraConfig, num_layers: int) -> int:
+    return num_layers if lora.layers == "all" else min(int(lora.layers), num_layers)
+
+
+@dataclass
+class LoraPair:
+    layer: int
+    module: str  # "self_attn.q_proj"
+    a: np.ndarray  # mlx-lm orientation: (in, r)
+    b: np.ndarray  # mlx-lm orientation: (r, out)
+
+    @property
+    def projection(self) -> str:
+        return self.module.rsplit(".", 1)[-1]
+
+    def delta(self, scale: float) -> np.ndarray:
+        """The weight update in (out, in) orientation: scale * B^T A^T."""
+        return scale * (self.b.T @ self.a.T)
+
+
+@dataclass
+class Adapter:
+    """An adapter directory read back: its config and its LoRA pairs as float32 numpy."""
+
+    directory: Path
+    config: AdapterConfig
+    pairs: list[LoraPair]
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({p.layer for p in self.pairs})
+
+    @property
+    def projections(self) -> list[str]:
+        present = {p.projection for p in self.pairs}
+        return [p for p in PROJECTIONS if p in present]
+
+
+def is_adapter_dir(path: Path) -> bool:
+    return (path / ADAPTER_CONFIG).exists() and (path / ADAPTER_FILE).exists()
+
+
+def write_adapter(directory: str | Path, weights: dict, config: AdapterConfig) -> None:
+    """Both files, each replaced atomically. `weights` maps mlx-lm parameter names to arrays
+    (MLX or numpy)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with staged_file(directory / ADAPTER_FILE) as tmp:
+        save_file({k: np.asarray(v) for k, v in weights.items()}, str(tmp), metadata={"format": "mlx"})
+    write_json_atomic(directory / ADAPTER_CONFIG, config.to_dict())
+
+
+def read_adapter(directory: str | Path) -> Adapter:
+    directory = Path(directory)
+    weights_path = directory / ADAPTER_FILE
+    if not is_adapter_dir(directory):
+        raise UserError(f"{directory}: not an adapter directory (needs {ADAPTER_CONFIG} and {ADAPTER_FILE})")
+    config = AdapterConfig.read(directory)
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{weights_path}: cannot be read ({e}); the file is damaged") from None
+    halves: dict[tuple[int, str], dict] = {}
+    for name, value in tensors.items():
+        if not name.startswith(LAYER_PREFIX) or not name.endswith((".lora_a", ".lora_b")):
+            raise UserError(f"{weights_path}: unexpected tensor {name}; expected model.layers.N.<module>.lora_a/b")
+        layer, rest = name[len(LAYER_PREFIX):].split(".", 1)
+        module, half = rest.rsplit(".", 1)
+        halves.setdefault((int(layer), module), {})[half] = value.astype(np.float32)
+    incomplete = [f"layer {layer} {module}" for (layer, module), h in halves.items() if len(h) != 2]
+    if incomplete:
+        raise UserError(f"{weights_path}: LoRA pairs missing a half: {', '.join(incomplete)}")
+    pairs = [LoraPair(layer, module, h["lora_a"], h["lora_b"]) for (layer, module), h in sorted(halves.items())]
+    if not pairs:
+        raise UserError(f"{weights_path}: holds no LoRA tensors")
+    return Adapter(directory, config, pairs)

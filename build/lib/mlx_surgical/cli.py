@@ -1,0 +1,352 @@
+"""The `mlx-surgical` command line. Each command parses its arguments, builds a config and
+calls one library function; problems the user can fix print as `error: ...` lines and exit
+with status 2."""
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+from .errors import UserError
+from .export import FORMATS
+
+
+def user_errors(fn):
+    """Turn UserError into one line per problem on stderr and exit status 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except UserError as e:
+            for problem in e.problems:
+                click.echo(f"error: {problem}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="mlx-surgical")
+def cli():
+    """Surgical LoRA fine-tuning of Llama-family code models with Apple MLX."""
+
+
+@cli.command("quickstart")
+@click.option("--out", default="adapters", show_default=True, help="Directory for the run folder.")
+@click.option("--model-dir", default="models/tiny-llama", show_default=True,
+              help="Where the tiny model is built (or reused).")
+@click.option("--epochs", type=int, default=None, help="Override the preset's epochs (for a shorter demo).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@user_errors
+def quickstart_cmd(out, model_dir, epochs, no_progress):
+    """Build a tiny model, train surgical LoRA on bundled data, compare answers."""
+    from .quickstart import run_quickstart
+
+    result = run_quickstart(out, model_dir, epochs=epochs, progress=not no_progress)
+    run = result.run
+    click.echo(f"\ntraining loss {run.first_loss:.3f} at the first update -> {result.last_epoch_loss:.3f} "
+               f"over the last epoch ({result.last_epoch_loss / run.first_loss:.0%})"
+               + (f", validation loss {run.final_val_loss:.3f}" if run.final_val_loss is not None else ""))
+    click.echo(f"\nheld-out prompt:\n  {result.prompt}")
+    click.echo(f"\nbase model:\n  {result.base_answer!r}")
+    click.echo(f"\nbase + adapter:\n  {result.adapted_answer!r}")
+    click.echo(f"\nwrote {run.run_dir}/:")
+    for path in sorted(run.run_dir.iterdir()):
+        click.echo(f"  {path.name}{'/' if path.is_dir() else ''}")
+    click.echo("\nuse it:")
+    click.echo(f"  mlx-surgical generate --model {model_dir} --adapter {run.run_dir} \"Write a Python function "
+               "`square` that returns a number squared.\"")
+    click.echo(f"  mlx_lm.generate --model {model_dir} --adapter-path {run.run_dir} --prompt \"...\"")
+    click.echo(f"  mlx-surgical export {run.run_dir} --format peft")
+
+
+@cli.command("tiny-model")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--layers", type=int, default=2, show_default=True)
+@click.option("--hidden-size", type=int, default=64, show_default=True)
+@click.option("--intermediate-size", type=int, default=192, show_default=True)
+@click.option("--heads", type=int, default=4, show_default=True)
+@click.option("--kv-heads", type=int, default=2, show_default=True)
+@click.option("--vocab-size", type=int, default=512, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@user_errors
+def tiny_model_cmd(out_dir, layers, hidden_size, intermediate_size, heads, kv_heads, vocab_size, seed):
+    """Write a tiny random Llama model with a real SentencePiece tokenizer."""
+    from .tiny import TinyShape, build_tiny_model
+
+    shape = TinyShape(layers, hidden_size, intermediate_size, heads, kv_heads, vocab_size)
+    path = build_tiny_model(out_dir, shape, seed)
+    click.echo(f"wrote {path} ({shape.layers} layers, hidden {shape.hidden_size}, vocab {shape.vocab_size})")
+
+
+def _load_config_arg(config: str):
+    """A config file, or the name of a shipped preset."""
+    from .config import load_config, preset_names, preset_path
+
+    if not Path(config).exists() and config in preset_names():
+        return load_config(preset_path(config)), config
+    return load_config(config), Path(config).stem
+
+
+@cli.command("train")
+@click.argument("config", required=False)
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False), help="Continue the run in this directory.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@user_errors
+def train_cmd(config, resume_dir, no_progress):
+    """Train a LoRA adapter from a JSON config (or resume a run)."""
+    from .errors import TrainingInterrupted
+    from .pipeline import resume_run, train_run
+
+    if (config is None) == (resume_dir is None):
+        raise UserError("give a CONFIG to start a run, or --resume RUN_DIR to continue one")
+    try:
+        if resume_dir:
+            result = resume_run(Path(resume_dir), progress=not no_progress)
+        else:
+            run_config, name = _load_config_arg(config)
+            result = train_run(run_config, config_name=name, progress=not no_progress)
+    except TrainingInterrupted as e:
+        click.echo(f"{e}; checkpoint saved. Continue with: mlx-surgical train --resume <run dir>", err=True)
+        sys.exit(130)
+    losses = f", loss {result.first_loss:.4f} -> {result.final_loss:.4f}" if result.final_loss is not None else ""
+    click.echo(f"{result.status}: {result.updates} updates{losses}"
+               + (f", best validation loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""))
+    click.echo(f"adapter: {result.run_dir}")
+
+
+@cli.command("validate")
+@click.argument("config")
+@user_errors
+def validate_cmd(config):
+    """Check a config and its data without loading model weights."""
+    from .pipeline import validate_run
+
+    run_config, _ = _load_config_arg(config)
+    for note in validate_run(run_config):
+        click.echo(note)
+    click.echo(f"{config}: ok")
+
+
+@cli.command("config-help")
+def config_help_cmd():
+    """List every config setting with its default and meaning."""
+    from .config import help_lines
+
+    click.echo("\n".join(help_lines()))
+
+
+@cli.command("generate")
+@click.option("--model", "model_path", required=True, help="Base model directory or repo id.")
+@click.option("--adapter", "adapter_dir", default=None, help="A run directory or an mlx export.")
+@click.option("--max-tokens", type=int, default=256, show_default=True)
+@click.option("--compare", is_flag=True, help="Print the base model's answer beside the adapted one.")
+@click.argument("prompt", required=False)
+@user_errors
+def generate_cmd(model_path, adapter_dir, max_tokens, compare, prompt):
+    """Answer PROMPT (or stdin) with the base model, with or without an adapter."""
+    from .generate import answer, load_for_generation, prompt_format_for, stream_answer
+
+    if prompt is None:
+        prompt = sys.stdin.read()
+    if not prompt.strip():
+        raise UserError("generate: give a PROMPT argument or text on stdin")
+    if compare:
+        if adapter_dir is None:
+            raise UserError("generate --compare needs --adapter")
+        base = load_for_generation(model_path)
+        adapted = load_for_generation(model_path, adapter_dir)
+        click.echo("=== base ===\n" + answer(base, prompt_format_for(base), prompt, max_tokens))
+        click.echo("=== adapted ===\n" + answer(adapted, prompt_format_for(adapted, adapter_dir), prompt, max_tokens))
+        return
+    loaded = load_for_generation(model_path, adapter_dir)
+    for piece in stream_answer(loaded, prompt_format_for(loaded, adapter_dir), prompt, max_tokens):
+        click.echo(piece, nl=False)
+    click.echo()
+
+
+@cli.command("plan")
+@click.argument("config")
+@click.option("--compare", "other", default=None, help="A second config to show side by side.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+@click.option("--no-probe", is_flag=True, help="Skip the short timing probe on a local model.")
+@click.option("--ranks", type=int, default=1, show_default=True, help="Data-parallel ranks (mlx.launch -n).")
+@user_errors
+def plan_cmd(config, other, as_json, no_probe, ranks):
+    """Trainable parameters, adapter size, memory, schedule and time, before a run."""
+    from .plan import format_plan, plan_run
+
+    run_config, name = _load_config_arg(config)
+    plan = plan_run(run_config, probe=not no_probe, ranks=ranks)
+    other_plan, other_name = None, ""
+    if other:
+        other_config, other_name = _load_config_arg(other)
+        other_plan = plan_run(other_config, probe=not no_probe, ranks=ranks)
+    if as_json:
+        click.echo(json.dumps({name: plan, other_name: other_plan} if other else plan, indent=2))
+    else:
+        click.echo(format_plan(plan, other_plan, (name, other_name)))
+
+
+@cli.command("convert")
+@click.argument("source")
+@click.option("--out", default=None, help="Output directory (default models/<name>-<bits>bit).")
+@click.option("--bits", type=click.Choice(["4", "8", "none"]), default="4", show_default=True,
+              help="Quantization bits; none keeps --dtype weights.")
+@click.option("--group-size", type=int, default=64, show_default=True)
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True,
+              help="dtype of the unquantized parts (float32 trains fastest on a Linux CPU).")
+@click.option("--revision", default=None, help="Hub revision when SOURCE is a repo id.")
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@user_errors
+def convert_cmd(source, out, bits, group_size, dtype, revision, force):
+    """Convert a Hugging Face Llama-family model to MLX, quantized (4-bit by default)."""
+    from .convert import convert_model
+
+    path = convert_model(source, out, None if bits == "none" else int(bits), group_size, dtype, revision, force)
+    click.echo(f"wrote {path}")
+
+
+@cli.command("export")
+@click.argument("adapter_dir", type=click.Path(file_okay=False))
+@click.option("--format", "fmt", type=click.Choice(FORMATS), required=True)
+@click.option("--out", default=None, help="Output path (default: inside the run directory).")
+@click.option("--base-model", default=None, help="fused: base model to merge into (default: the one trained on).")
+@click.option("--dequantize", is_flag=True, help="fused: write float weights even from a quantized base.")
+@click.option("--force", is_flag=True, help="Replace an existing export.")
+@user_errors
+def export_cmd(adapter_dir, fmt, out, base_model, dequantize, force):
+    """Export an adapter for mlx-lm, PEFT, llama.cpp/Ollama (GGUF) or as a fused model."""
+    from .export import export_adapter
+
+    path = export_adapter(adapter_dir, fmt, out, base_model=base_model, dequantize=dequantize, force=force)
+    click.echo(f"wrote {path}")
+
+
+@cli.group("adapters")
+@click.option("--root", default="adapters", show_default=True, help="The adapters directory.")
+@click.pass_context
+def adapters_group(ctx, root):
+    """List, show, verify and remove trained adapters."""
+    ctx.obj = root
+
+
+@adapters_group.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_obj
+@user_errors
+def adapters_list(root, as_json):
+    """One line per adapter."""
+    from .registry import list_adapters
+
+    entries = list_adapters(root)
+    if as_json:
+        click.echo(json.dumps([e.to_dict() for e in entries], indent=2))
+        return
+    if not entries:
+        click.echo(f"no adapters in {root}")
+        return
+    fmt = "{:<32} {:<12} {:<28} {:>12} {:>9} {:>9} {:>9}  {}"
+    click.echo(fmt.format("name", "status", "base model", "parameters", "size", "best val", "final val", "created"))
+    for e in entries:
+        loss = lambda v: f"{v:.4f}" if v is not None else "-"
+        click.echo(fmt.format(e.name[:32], e.status, e.base_model[-28:], f"{e.trainable_parameters or 0:,}",
+                              f"{e.size_bytes / 1e6:.2f}MB", loss(e.best_val_loss), loss(e.final_val_loss), e.created))
+
+
+@adapters_group.command("show")
+@click.argument("name")
+@click.pass_obj
+@user_errors
+def adapters_show(root, name):
+    """Everything recorded about one adapter."""
+    from .registry import show
+
+    click.echo(json.dumps(show(root, name), indent=2))
+
+
+@adapters_group.command("verify")
+@click.argument("name")
+@click.option("--model", "model_path", default=None, help="Check shapes against this base model instead.")
+@click.pass_obj
+@user_errors
+def adapters_verify(root, name, model_path):
+    """Check checksums, that tensors load, and that shapes fit the base model."""
+    from .registry import verify
+
+    for line in verify(root, name, model_path):
+        click.echo(line)
+    click.echo(f"{name}: ok")
+
+
+@adapters_group.command("rm")
+@click.argument("name")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_obj
+@user_errors
+def adapters_rm(root, name, yes):
+    """Delete an adapter's run directory."""
+    from .registry import find, remove
+
+    path = find(root, name)
+    if not yes:
+        click.confirm(f"delete {path}?", abort=True)
+    remove(root, name)
+    click.echo(f"deleted {path}")
+
+
+@cli.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=5001, show_default=True)
+@click.option("--token", default=None, envvar="MLX_SURGICAL_TOKEN",
+              help="Require 'Authorization: Bearer TOKEN' on every route but /api/health.")
+@click.option("--workspace", default=".", show_default=True, type=click.Path(file_okay=False),
+              help="Holds jobs/ and adapters/; data files in requests must be inside it.")
+@click.option("--allow-remote", is_flag=True, help="Bind beyond loopback without a token.")
+@click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
+              help="Also accept this name in the Host and Origin headers (a reverse proxy's); repeatable.")
+@click.option("--max-body-mb", type=float, default=20, show_default=True, help="Largest request body.")
+@user_errors
+def serve_cmd(host, port, token, workspace, allow_remote, allow_hosts, max_body_mb):
+    """Local REST server and dashboard: start, watch, stop and resume training over HTTP."""
+    try:
+        from .server import serve
+    except ImportError as e:
+        raise UserError(f"serve needs the server extra ({e.name} is missing): pip install 'mlx-surgical[server]'")
+    serve(host, port, Path(workspace), token, allow_remote, int(max_body_mb * 1024 * 1024), allow_hosts)
+
+
+@cli.command("doctor")
+@user_errors
+def doctor_cmd():
+    """Report OS, MLX backend and device, BLAS, measured GFLOP/s and memory."""
+    from .backend import INSTALL_HINT, describe, find_openblas, measure_sgemm_gflops
+    from .plan import machine_memory_gb
+
+    facts = describe()
+    gflops = measure_sgemm_gflops()
+    for key, value in facts.items():
+        click.echo(f"{key:<8} {value}")
+    click.echo(f"sgemm    {gflops:.1f} GFLOP/s (float32 512x512)")
+    memory = machine_memory_gb()
+    click.echo(f"memory   {memory:.1f} GB" if memory else "memory   unknown")
+    if facts["backend"] == "cpu" and "reference" in facts["blas"]:
+        if find_openblas() is None:
+            click.echo(f"advice   training is slow with the reference BLAS: {INSTALL_HINT}; "
+                       "mlx-surgical then preloads it by itself")
+        else:
+            click.echo("advice   OpenBLAS is installed but not in use: unset MLX_SURGICAL_FAST_BLAS=0 "
+                       "or run through the mlx-surgical command")
+    elif gflops < 10:
+        click.echo("advice   matrix multiply is slow on this machine; expect long runs")
+
+
+def main():
+    from .backend import ensure_fast_blas
+
+    ensure_fast_blas()
+    cli(prog_name="mlx-surgical")

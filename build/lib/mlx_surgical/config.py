@@ -1,0 +1,320 @@
+"""The one typed run config: every default and every help text lives here, once.
+
+A config is JSON with the sections below. Loading checks every key and value and reports
+all problems at once (unknown keys, wrong types, out-of-range values), each as one line
+naming the field. The CLI, the server and the presets in configs/ all go through
+`load_config` / `config_from_dict`, so they cannot disagree.
+"""
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from .errors import UserError, parse_user_json, read_user_text
+from .shape import PROJECTION_PATHS
+
+
+def option(default, help: str, **kwargs):
+    """A dataclass field carrying its help text (shown by `mlx-surgical config-help`)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kwargs)
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class ModelConfig:
+    path: str = option("", "Hugging Face repo id, or a local MLX/Hugging Face model directory "
+                       "(the output of `mlx-surgical convert`).")
+    revision: Optional[str] = option(None, "Hub revision (branch, tag or commit) when path is a repo id.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = option(
+        "auto", "Cast the unquantized base weights to this dtype; auto keeps the stored dtype. "
+        "On Linux CPU only float32 reaches the optimized BLAS.")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = option(8, "LoRA rank r.")
+    alpha: float = option(16.0, "LoRA alpha; the update is scaled by alpha / rank.")
+    dropout: float = option(0.05, "Dropout on the LoRA input, in [0, 1).")
+    target_modules: list[str] = option(
+        ["q_proj", "k_proj", "v_proj"],
+        "Projections to adapt, by name: " + ", ".join(PROJECTION_PATHS) + ".")
+    layers: Union[int, Literal["all"]] = option("all", "'all', or N to adapt only the last N layers.")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+@dataclass
+class DataConfig:
+    train: Optional[str] = option(None, "Training file (.jsonl or .json), relative to the config file.")
+    valid: Optional[str] = option(None, "Validation file (.jsonl or .json), relative to the config file.")
+    examples: Optional[list[dict]] = option(None, "Training examples inline, instead of a train file.")
+    valid_examples: Optional[list[dict]] = option(None, "Validation examples inline, instead of a valid file.")
+    prompt_format: Literal["auto", "chat_template", "llama2"] = option(
+        "auto", "How prompts are written: the tokenizer's chat template, or CodeLlama-Instruct's "
+        "'<s>[INST] ... [/INST]'; auto uses the template when the tokenizer has one.")
+    system_prompt: Optional[str] = option(None, "System prompt added to every example.")
+    mask_prompt: bool = option(True, "Take the loss on response tokens only.")
+    overlength: Literal["truncate", "skip", "error"] = option(
+        "truncate", "What to do with an example longer than training.max_seq_length: cut the end of "
+        "its response, leave it out, or stop. Each case is reported; an example whose response "
+        "would be cut away entirely is always left out.")
+
+
+@dataclass
+class TrainingConfig:
+    epochs: Optional[int] = option(None, "Passes over the training data (default 3 when iters is not set).")
+    iters: Optional[int] = option(None, "Optimizer updates to run, instead of epochs.")
+    learning_rate: float = option(1e-4, "Peak learning rate, reached at the end of warmup.")
+    min_learning_rate: float = option(0.0, "Learning rate at the end of the decay.")
+    warmup_steps: int = option(50, "Optimizer updates of linear warmup from 0 to learning_rate.")
+    schedule: Literal["cosine", "linear", "constant"] = option(
+        "cosine", "Decay after warmup, counted in optimizer updates.")
+    weight_decay: float = option(0.01, "AdamW decoupled weight decay.")
+    batch_size: int = option(1, "Examples per micro-batch, across all ranks under mlx.launch (each of N ranks "
+                             "takes batch_size / N).")
+    grad_accumulation_steps: int = option(4, "Micro-batches per optimizer update; the effective "
+                                          "batch is batch_size x grad_accumulation_steps.")
+    max_seq_length: int = option(2048, "Longest example in tokens (prompt + response).")
+    seed: int = option(0, "Seed for LoRA initialisation, dropout and data order.")
+    save_every: int = option(100, "Write a resumable checkpoint every N optimizer updates.")
+    eval_every: int = option(50, "Validation loss every N optimizer updates (and at the end).")
+    patience: int = option(0, "Stop after this many evaluations without a better validation "
+                           "loss; 0 turns early stopping off.")
+    keep_checkpoints: int = option(2, "How many resumable checkpoints to keep.")
+    grad_checkpoint: bool = option(False, "Recompute layer activations in the backward pass to save memory.")
+
+
+@dataclass
+class OutputConfig:
+    dir: str = option("adapters", "Directory that holds one folder per run, relative to the working directory.")
+    name: Optional[str] = option(None, "Run name (letters, digits, '.', '_', '-'); default: "
+                                 "the config file's name and the start time.")
+
+
+@dataclass
+class RunConfig:
+    description: str = option("", "Free text for humans.")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig) if dataclasses.is_dataclass(f.type)}
+RUN_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {str: "a string", int: "an integer", float: "a number", bool: "true or false",
+            dict: "an object"}.get(tp, str(tp))
+
+
+def _matches(value, tp) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin is Literal:
+        return value in typing.get_args(tp)
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _unknown_key(where: str, key: str, known) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    hint = f"did you mean '{close[0]}'?" if close else "known keys: " + ", ".join(known)
+    return f"{where}{key}: unknown key; {hint}"
+
+
+def config_from_dict(raw: Any, source: str = "config") -> RunConfig:
+    """Build a RunConfig from parsed JSON, reporting every problem at once."""
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: the config must be a JSON object with sections {', '.join(SECTIONS)}")
+    problems = []
+    sections = {}
+    description = raw.get("description", "")
+    if not isinstance(description, str):
+        problems.append(f"{source}: description: expected a string")
+        description = ""
+    for key, value in raw.items():
+        if key == "description":
+            continue
+        if key not in SECTIONS:
+            problems.append(_unknown_key(f"{source}: ", key, ["description", *SECTIONS]))
+            continue
+        if not isinstance(value, dict):
+            problems.append(f"{source}: {key}: expected an object of settings")
+            continue
+        hints = typing.get_type_hints(SECTIONS[key])
+        kwargs = {}
+        for name, setting in value.items():
+            if name not in hints:
+                problems.append(_unknown_key(f"{source}: {key}.", name, hints))
+            elif not _matches(setting, hints[name]):
+                problems.append(f"{source}: {key}.{name}: expected {_type_name(hints[name])}, got {json.dumps(setting)[:60]}")
+            else:
+                kwargs[name] = float(setting) if hints[name] is float else setting
+        sections[key] = SECTIONS[key](**kwargs)
+    config = RunConfig(description=description, **sections)
+    problems += value_problems(config, source)
+    if problems:
+        raise UserError(*problems)
+    return config
+
+
+def per_rank_batch(training: TrainingConfig, ranks: int, where: str = "training.batch_size") -> int:
+    """The examples each of `ranks` data-parallel ranks takes from every global batch."""
+    if ranks < 1 or training.batch_size % ranks:
+        raise UserError(f"{where}: the global batch of {training.batch_size} does not split evenly over {ranks} "
+                        f"ranks; use a multiple of {ranks} for training.batch_size")
+    return training.batch_size // ranks
+
+
+def value_problems(c: RunConfig, source: str) -> list[str]:
+    """Range and consistency checks that the types alone cannot express."""
+    p = []
+    t, lora, data = c.training, c.lora, c.data
+
+    def need(ok: bool, where: str, message: str):
+        if not ok:
+            p.append(f"{source}: {where}: {message}")
+
+    need(bool(c.model.path), "model.path", "required: a Hugging Face repo id or a local model directory")
+    need(lora.rank >= 1, "lora.rank", "must be at least 1")
+    need(lora.alpha > 0, "lora.alpha", "must be positive")
+    need(0 <= lora.dropout < 1, "lora.dropout", "must be in [0, 1)")
+    need(bool(lora.target_modules), "lora.target_modules", "list at least one projection")
+    for name in lora.target_modules:
+        need(name in PROJECTION_PATHS, "lora.target_modules",
+             f"unknown projection '{name}'; choose from {', '.join(PROJECTION_PATHS)}")
+    need(len(set(lora.target_modules)) == len(lora.target_modules), "lora.target_modules", "lists a projection twice")
+    need(lora.layers == "all" or lora.layers >= 1, "lora.layers", "must be 'all' or a positive number of layers")
+    need(data.train is not None or data.examples is not None, "data",
+         "give training data: data.train (a file) or data.examples (inline)")
+    need(data.train is None or data.examples is None, "data", "give data.train or data.examples, not both")
+    need(data.valid is None or data.valid_examples is None, "data", "give data.valid or data.valid_examples, not both")
+    need(t.epochs is None or t.iters is None, "training", "set training.epochs or training.iters, not both")
+    need(t.epochs is None or t.epochs >= 1, "training.epochs", "must be at least 1")
+    need(t.iters is None or t.iters >= 1, "training.iters", "must be at least 1")
+    need(t.learning_rate > 0, "training.learning_rate", "must be positive")
+    need(0 <= t.min_learning_rate <= t.learning_rate, "training.min_learning_rate", "must be between 0 and learning_rate")
+    need(t.warmup_steps >= 0, "training.warmup_steps", "must be 0 or more")
+    need(t.weight_decay >= 0, "training.weight_decay", "must be 0 or more")
+    for name in ("batch_size", "grad_accumulation_steps", "save_every", "eval_every", "keep_checkpoints"):
+        need(getattr(t, name) >= 1, f"training.{name}", "must be at least 1")
+    need(t.max_seq_length >= 8, "training.max_seq_length", "must be at least 8 tokens")
+    need(t.patience >= 0, "training.patience", "must be 0 (off) or more")
+    if c.output.name is not None:
+        need(bool(c.output.name) and set(c.output.name) <= RUN_NAME_CHARS and not c.output.name.startswith("."),
+             "output.name", "use a plain name of letters, digits, '.', '_' and '-'")
+    return p
+
+
+def parse_json_file(path: str | Path, what: str = "config") -> Any:
+    """Read a JSON file, turning every way it can fail into one line naming file, line and column."""
+    path = Path(path)
+    return parse_user_json(read_user_text(path, what), path)
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Load and check a config file; relative data paths are taken from the file's folder."""
+    path = Path(path)
+    config = config_from_dict(parse_json_file(path), source=str(path))
+    return resolve_data_paths(config, path.parent)
+
+
+BUNDLED_PREFIX = "bundled:"  # "bundled:train" names a split of the sample data shipped in the package
+
+
+def resolve_data_paths(config: RunConfig, base_dir: str | Path) -> RunConfig:
+    """Make data paths absolute: relative ones are taken from base_dir (the config's folder)."""
+    from .data import SAMPLE_SPLITS, sample_path
+
+    data = config.data
+    for name in ("train", "valid"):
+        value = getattr(data, name)
+        if value is None:
+            continue
+        if value.startswith(BUNDLED_PREFIX):
+            split = value[len(BUNDLED_PREFIX):]
+            if split not in SAMPLE_SPLITS:
+                raise UserError(f"data.{name}: unknown bundled split '{split}'; use " +
+                                ", ".join(BUNDLED_PREFIX + s for s in SAMPLE_SPLITS))
+            setattr(data, name, str(sample_path(split)))
+        elif not Path(value).is_absolute():
+            setattr(data, name, str((Path(base_dir) / value).resolve()))
+    return config
+
+
+def preset_path(name: str) -> Path:
+    """A preset shipped with the package (the files in the repository's configs/)."""
+    from importlib import resources
+
+    path = Path(str(resources.files("mlx_surgical.presets") / f"{name}.json"))
+    if not path.exists():
+        raise UserError(f"preset '{name}' not found; presets: " + ", ".join(preset_names()))
+    return path
+
+
+def preset_names() -> list[str]:
+    from importlib import resources
+
+    return sorted(Path(str(p)).stem for p in resources.files("mlx_surgical.presets").iterdir()
+                  if str(p).endswith(".json"))
+
+
+def save_config(config: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+
+def settings_help() -> dict[str, dict[str, dict]]:
+    """Every setting's default, help text and (for closed choices) the values it takes, by section:
+    for `config-help` and the dashboard's form."""
+    described = {}
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        described[section] = {}
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            choices = (list(PROJECTION_PATHS) if f.name == "target_modules"
+                       else list(typing.get_args(hints[f.name])) if typing.get_origin(hints[f.name]) is Literal else None)
+            described[section][f.name] = {"default": default, "help": f.metadata["help"], "choices": choices}
+    return described
+
+
+def help_lines() -> list[str]:
+    """Every setting with its default and help text, for `mlx-surgical config-help`."""
+    lines = []
+    for section, settings in settings_help().items():
+        lines.append(f"[{section}]")
+        for name, setting in settings.items():
+            lines.append(f"  {name} = {json.dumps(setting['default'])}\n      {setting['help']}")
+    return lines

@@ -1,0 +1,57 @@
+"""Hugging Face PEFT format: adapter_model.safetensors + adapter_config.json, loadable with
+`PeftModel.from_pretrained` (transformers, vLLM, TGI).
+
+PEFT keeps lora_A as (r, in) and lora_B as (out, r) and scales by lora_alpha / r, so the
+mlx-lm pair (A: in x r, B: r x out, scale) maps by transposing both and alpha = scale x r.
+"""
+
+import json
+from pathlib import Path
+
+from safetensors.numpy import save_file
+
+from ..adapter import Adapter
+from ..files import staged_directory
+
+# mlx-lm module path inside a decoder layer -> PEFT tensor name, per LoRA half.
+PEFT_NAME = "base_model.model.model.layers.{layer}.{module}.lora_{half}.weight"
+
+
+def peft_tensors(adapter: Adapter) -> dict:
+    tensors = {}
+    for p in adapter.pairs:
+        tensors[PEFT_NAME.format(layer=p.layer, module=p.module, half="A")] = p.a.T.copy()
+        tensors[PEFT_NAME.format(layer=p.layer, module=p.module, half="B")] = p.b.T.copy()
+    return tensors
+
+
+def peft_config(adapter: Adapter) -> dict:
+    num_layers = adapter.config.base.num_layers if adapter.config.base else None
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": adapter.config.base_model,
+        "r": adapter.config.rank,
+        "lora_alpha": adapter.config.alpha,
+        "lora_dropout": adapter.config.dropout,
+        "target_modules": adapter.projections,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "revision": None,
+    }
+    if num_layers is None or adapter.layers != list(range(num_layers)):
+        config["layers_to_transform"] = adapter.layers
+        config["layers_pattern"] = "layers"
+    return config
+
+
+def write(adapter: Adapter, out: Path) -> Path:
+    with staged_directory(out) as staging:
+        save_file(peft_tensors(adapter), str(staging / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (staging / "adapter_config.json").write_text(json.dumps(peft_config(adapter), indent=2) + "\n")
+    return out

@@ -1,0 +1,40 @@
+"""Generate with a base model, with or without an adapter, prompting exactly as training did."""
+
+from pathlib import Path
+from typing import Iterator, Optional
+
+from mlx_lm.generate import stream_generate
+from mlx_lm.sample_utils import make_sampler
+
+from .adapter import AdapterConfig
+from .data import PromptFormat
+from .model import LoadedModel, load_model
+from .surgery import apply_adapter
+
+
+def load_for_generation(model_path: str, adapter_dir: Optional[str | Path] = None) -> LoadedModel:
+    loaded = load_model(model_path)
+    if adapter_dir is not None:
+        apply_adapter(loaded.model, adapter_dir, loaded.shape, model_path)
+    return loaded
+
+
+def prompt_format_for(loaded: LoadedModel, adapter_dir: Optional[str | Path] = None) -> PromptFormat:
+    """The adapter's training prompt format when it recorded one, else the model's default."""
+    style, system = "auto", None
+    if adapter_dir is not None:
+        recorded = AdapterConfig.read(adapter_dir).prompt
+        style, system = recorded.format, recorded.system_prompt
+    return PromptFormat(loaded.tokenizer, style, system)
+
+
+def stream_answer(loaded: LoadedModel, fmt: PromptFormat, instruction: str, max_tokens: int = 128) -> Iterator[str]:
+    """Greedy decoding of the answer to one instruction, yielded piece by piece."""
+    prompt = fmt.prompt_ids([{"role": "user", "content": instruction}])
+    for response in stream_generate(loaded.model, loaded.tokenizer, prompt, max_tokens=max_tokens,
+                                    sampler=make_sampler(temp=0.0)):
+        yield response.text
+
+
+def answer(loaded: LoadedModel, fmt: PromptFormat, instruction: str, max_tokens: int = 128) -> str:
+    return "".join(stream_answer(loaded, fmt, instruction, max_tokens)).strip()

@@ -1,0 +1,84 @@
+"""Training losses: token-summed cross-entropy on the learned (response) tokens.
+
+Both losses take (inputs, targets, loss_index, loss_weight) from `data.collate`: loss_index
+lists the flat (row * width + column) positions whose next token is learned, padded to a
+bucket with weight 0, so the compiled step sees few shapes. They return the summed loss and
+the token count; the training loop divides, which keeps gradient accumulation exact.
+
+`response_cross_entropy` is the one training uses. It computes logits only at the learned
+positions, a chunk of rows at a time, and works out the gradient of each chunk's loss with
+respect to its hidden states while the chunk's logits exist (p - onehot, through the output
+head). So vocab-sized logits never exist for more than one chunk, in the forward or the
+backward pass, and the backward pass recomputes nothing. `full_logits_cross_entropy` is the
+plain reference it must equal.
+"""
+
+from functools import partial
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .errors import UserError
+from .forward import fast_exp, hidden_states, output_head, supports_block_forward, uses_fast_math
+
+# Logits alive at once: 2M floats (8 MB), 65 rows at CodeLlama's 32,016-token vocabulary.
+# Smaller chunks cost speed (the head matmul gets thin), larger ones memory.
+LOSS_CHUNK_ELEMENTS = 2 ** 21
+
+
+def full_logits_cross_entropy(model, inputs, targets, loss_index, loss_weight):
+    """Reference path: mlx-lm's forward, logits at every position, MLX's cross-entropy."""
+    logits = model(inputs).astype(mx.float32)
+    losses = nn.losses.cross_entropy(logits, targets).reshape(-1)[loss_index]
+    return (losses * loss_weight).sum(), loss_weight.sum()
+
+
+def _chunk_cross_entropy(head, exp):
+    """A custom function whose forward returns (loss sum, d loss / d hidden) for a chunk; its
+    VJP scales the stored gradient, so the chunk's logits die with the forward pass."""
+
+    @mx.custom_function
+    def chunk(hidden, targets, weights):
+        logits = head(hidden).astype(mx.float32)
+        shifted = logits - mx.stop_gradient(logits.max(axis=-1, keepdims=True))
+        e = exp(shifted)
+        total = e.sum(axis=-1, keepdims=True)
+        column = targets[:, None]
+        loss = ((mx.log(total) - mx.take_along_axis(shifted, column, axis=-1))[:, 0] * weights).sum()
+        probs = e / total
+        dlogits = mx.put_along_axis(probs, column, mx.take_along_axis(probs, column, axis=-1) - 1.0, axis=-1)
+        _, (grad_hidden,) = mx.vjp(head, [hidden], [(dlogits * weights[:, None]).astype(hidden.dtype)])
+        return loss, grad_hidden
+
+    @chunk.vjp
+    def chunk_vjp(primals, cotangents, outputs):
+        _, targets, weights = primals
+        return cotangents[0] * outputs[1], mx.zeros_like(targets), mx.zeros_like(weights)
+
+    return chunk
+
+
+def response_cross_entropy(model, inputs, targets, loss_index, loss_weight, fast_math: bool = False,
+                           grad_checkpoint: bool = False):
+    hidden = hidden_states(model, inputs, fast_math, grad_checkpoint)
+    hidden = hidden.reshape(-1, hidden.shape[-1])[loss_index]
+    learned = targets.reshape(-1)[loss_index]
+    chunk = _chunk_cross_entropy(output_head(model), fast_exp if fast_math else mx.exp)
+    chunk_rows = max(1, LOSS_CHUNK_ELEMENTS // model.args.vocab_size)
+    total = mx.array(0.0)
+    for start in range(0, hidden.shape[0], chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        # Chunks are independent, so MLX would evaluate them side by side; depending on the
+        # previous chunk's loss keeps one chunk's logits alive at a time.
+        chunk_hidden = mx.depends(hidden[rows], total) if start else hidden[rows]
+        total = total + chunk(chunk_hidden, learned[rows], loss_weight[rows])[0]
+    return total, loss_weight.sum()
+
+
+def training_loss(model, grad_checkpoint: bool = False):
+    """The loss for this model on this process's device: CPU-fast math where MLX's CPU backend
+    runs."""
+    if grad_checkpoint and not supports_block_forward(model):
+        raise UserError("training.grad_checkpoint: not available for models with sliding-window attention layers; "
+                        "set it to false")
+    return partial(response_cross_entropy, fast_math=uses_fast_math(), grad_checkpoint=grad_checkpoint)

@@ -1,0 +1,289 @@
+"""The stages joined into runs: `train_run` (new or resumed) and `validate_run`.
+
+The CLI and the server call these and nothing deeper, so a run started either way is the
+same run: the same run directory, the same files, the same checks.
+"""
+
+import hashlib
+import json
+import platform
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Callable, Optional
+
+import mlx.core as mx
+import mlx_lm
+
+from . import __version__
+from .adapter import AdapterConfig, PromptRecord, write_adapter
+from .backend import keep_freed_memory
+from .callbacks import Checkpointer, ConsoleProgress, MetricsFile, plot_losses
+from .checkpoint import TrainState, latest_checkpoint, load_checkpoint
+from .config import RunConfig, config_from_dict, per_rank_batch, save_config
+from .data import BatchStream, EncodedData, PromptFormat, encode_records, eval_batches, split_records
+from .errors import TrainingDiverged, TrainingInterrupted, UserError
+from .files import write_text_atomic
+from .loss import training_loss
+from .model import is_local, load_model, load_tokenizer
+from .rundir import BaseModelInfo, BestInfo, DataInfo, FinalInfo, RunDir, RunInfo, now
+from .surgery import adapter_weights, attach_lora
+from .train import (LoopSettings, evaluate, learning_rate_schedule, make_optimizer, schedule_for, train)
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    status: str  # succeeded | stopped_early | interrupted
+    updates: int
+    trainable_parameters: int
+    first_loss: Optional[float]
+    final_loss: Optional[float]
+    final_val_loss: Optional[float]
+    best_val_loss: Optional[float]
+
+
+def versions() -> dict:
+    return {"mlx_surgical": __version__, "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__,
+            "python": platform.python_version(), "platform": platform.platform()}
+
+
+def data_hash(config: RunConfig) -> str:
+    """Identifies the training and validation examples, whether in files or inline."""
+    digest = hashlib.sha256()
+    for split in ("train", "valid"):
+        for record in split_records(config.data, split):
+            digest.update(json.dumps(record.fields, sort_keys=True).encode())
+    return digest.hexdigest()[:16]
+
+
+def new_run_dir(config: RunConfig, config_name: str, started: datetime) -> Path:
+    """The directory a new run will write: output.name, or the config's name and start time."""
+    return Path(config.output.dir) / (config.output.name or f"{config_name}-{started.strftime('%Y%m%d-%H%M%S')}")
+
+
+def encode_split(config: RunConfig, fmt: PromptFormat, split: str) -> EncodedData:
+    records = split_records(config.data, split)
+    return encode_records(records, fmt, config.training.max_seq_length, config.data.overlength,
+                          config.data.mask_prompt)
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM (or a caller) and polled by the loop after each update, so a stop
+    always lands on a clean update boundary. A second Ctrl-C stops at once. `also` is a further
+    reason to stop, polled with the flag."""
+
+    def __init__(self, also: Optional[Callable[[], bool]] = None):
+        self.requested = False
+        self.also = also
+
+    def __call__(self) -> bool:
+        return self.requested or (self.also is not None and self.also())
+
+    def install(self):
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+
+        def handler(signum, frame):
+            if self.requested and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.requested = True
+
+        for s in previous:
+            signal.signal(s, handler)
+        return lambda: [signal.signal(s, h) for s, h in previous.items()]
+
+
+def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[Path] = None,
+              progress: bool = True, log: Callable[[str], None] = print, callbacks: tuple = (),
+              stop_flag: Optional[StopFlag] = None) -> RunResult:
+    """Train (or resume) one run and write its directory. Raises UserError for bad input,
+    TrainingDiverged for a NaN loss and TrainingInterrupted after a checkpointed stop.
+
+    Under `mlx.launch` every rank runs this function: each trains on its share of every global
+    batch, and only rank 0 writes files and reports (the run directory must be reachable
+    from every rank to resume)."""
+    t_start = time.perf_counter()
+    world = mx.distributed.init()
+    ranks, primary = world.size(), world.rank() == 0
+    per_rank = per_rank_batch(config.training, ranks)
+    if not primary:
+        log, progress, callbacks = (lambda _: None), False, ()
+
+    def from_rank0(value: int) -> int:
+        """Rank 0's value on every rank, so all agree on the run's name and whether it is taken."""
+        return int(mx.distributed.all_sum(mx.array(value if primary else 0), group=world, stream=mx.cpu).item())
+
+    if resume_dir:
+        run_dir = Path(resume_dir)
+    else:
+        started = datetime.fromtimestamp(from_rank0(int(time.time())))
+        run_dir = new_run_dir(config, config_name, started)
+        if from_rank0(int(run_dir.exists() and any(run_dir.iterdir()))):
+            raise UserError(f"output.name: run directory {run_dir} already exists; resume it with "
+                            f"`mlx-surgical train --resume {run_dir}` or choose another output.name")
+    run = RunDir(run_dir)
+    info = RunInfo.load(run_dir) if resume_dir else RunInfo(name=run_dir.name)
+
+    loaded = load_model(config.model.path, config.model.revision, config.model.dtype)
+    fmt = PromptFormat(loaded.tokenizer, config.data.prompt_format, config.data.system_prompt)
+    train_data, valid_data = encode_split(config, fmt, "train"), encode_split(config, fmt, "valid")
+    for line in train_data.report_lines("train") + valid_data.report_lines("valid"):
+        log(line)
+    current_hash = data_hash(config)
+    if resume_dir and info.data is not None and info.data.hash != current_hash:
+        raise UserError(f"{run_dir}: the training data changed since this run started; "
+                        "resume needs the same examples (or start a new run)")
+
+    t = config.training
+    schedule = schedule_for(len(train_data.samples), t)
+    stream = BatchStream(train_data.samples, t.batch_size, t.seed, t.max_seq_length, world.rank(), ranks)
+    trainable = attach_lora(loaded.model, config.lora, t.seed)
+    lr = learning_rate_schedule(t.learning_rate, t.min_learning_rate, schedule.warmup_updates, schedule.updates,
+                                t.schedule)
+    optimizer = make_optimizer(lr, t.weight_decay)
+    optimizer.init(loaded.model.trainable_parameters())
+    adapter_cfg = AdapterConfig.for_run(config.lora, loaded.shape, config.model.path, str(loaded.path.resolve()),
+                                        PromptRecord(fmt.style, config.data.system_prompt))
+
+    state = TrainState()
+    if resume_dir:
+        checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is None:
+            raise UserError(f"{run_dir}: no checkpoint to resume from; start the run again")
+        state = load_checkpoint(checkpoint, loaded.model, optimizer)
+        if primary:
+            kept = _truncate_metrics(run, state.update)
+            if info.first_loss is None:  # run.json from before first_loss was recorded
+                info.first_loss = next((r["loss"] for r in kept if "loss" in r), None)
+        log(f"resuming {run_dir} from update {state.update} of {schedule.updates}")
+    elif primary:
+        run_dir.mkdir(parents=True, exist_ok=True)  # only now: bad input above leaves nothing behind
+        save_config(config, run.config)
+        write_adapter(run_dir, adapter_weights(loaded.model), adapter_cfg)
+
+    info.status = "running"
+    info.base_model = BaseModelInfo(config.model.path, str(loaded.path), loaded.shape.fingerprint(),
+                                    loaded.shape.describe())
+    info.data = DataInfo(current_hash, len(train_data.samples), len(valid_data.samples), train_data.tokens,
+                         train_data.truncated, train_data.skipped)
+    info.trainable_parameters = trainable
+    info.schedule = schedule.to_dict()
+    info.ranks = ranks
+    info.prompt_format = fmt.style
+    info.versions = versions()
+    info.timings.load_seconds = round(time.perf_counter() - t_start, 2)
+    write_info = (lambda: info.save(run_dir)) if primary else (lambda: None)
+    write_info()
+    log(f"run {run_dir}: {trainable:,} trainable parameters, {len(train_data.samples)} examples, "
+        f"{schedule.updates} optimizer updates ({schedule.epochs:g} epochs x {schedule.micro_batches_per_epoch} "
+        f"micro-batches / {t.grad_accumulation_steps} accumulation steps)"
+        + (f"; {ranks} ranks, {per_rank} examples each per micro-batch" if ranks > 1 else ""))
+
+    loss_fn = training_loss(loaded.model, t.grad_checkpoint)
+    keep_freed_memory()
+
+    def validation_loss():
+        return evaluate(loaded.model, loss_fn,
+                        eval_batches(valid_data.samples, t.batch_size, t.max_seq_length))
+
+    console = ConsoleProgress(enabled=progress)
+    checkpointer = Checkpointer(run_dir, loaded.model, optimizer, adapter_cfg, t.save_every, t.keep_checkpoints)
+    metrics = MetricsFile(run_dir)
+    stop_flag = stop_flag or StopFlag()
+    restore_signals = stop_flag.install()
+    settings = LoopSettings(schedule.updates, t.grad_accumulation_steps, t.eval_every, t.patience, t.seed,
+                            world if ranks > 1 else None)
+    writers = (metrics, checkpointer) if primary else ()
+
+    status = "failed"
+    try:
+        result = train(loaded.model, optimizer, loss_fn, stream.batch, settings, state,
+                       validation_loss if valid_data.samples else None,
+                       callbacks=(console, *writers, *callbacks), should_stop=stop_flag)
+        status = "stopped_early" if result.stopped_early else "succeeded"
+    except TrainingInterrupted:
+        status = "interrupted"
+        raise
+    except TrainingDiverged as e:
+        info.error = str(e)
+        raise
+    finally:
+        restore_signals()
+        console.close()
+        if info.first_loss is None and metrics.losses:
+            info.first_loss = metrics.losses[0]
+        info.status = status
+        info.update = state.update
+        info.timings.train_seconds = round(state.train_seconds, 2)
+        info.timings.finished = now()
+        info.best = BestInfo(state.best_val_loss, state.best_update)
+        if primary:
+            plot_losses(run.metric_rows(), run.loss_plot)
+        write_info()
+
+    if primary:
+        write_adapter(run_dir, adapter_weights(loaded.model), adapter_cfg)
+    final_loss = metrics.losses[-1] if metrics.losses else (info.final.loss if info.final else None)
+    info.final = FinalInfo(final_loss, result.final_val_loss)
+    if primary:
+        info.checksums = run.checksums()
+    write_info()
+    return RunResult(run_dir, status, state.update, trainable, info.first_loss, final_loss,
+                     result.final_val_loss, state.best_val_loss)
+
+
+def _truncate_metrics(run: RunDir, update: int) -> list[dict]:
+    """Drop rows written after the checkpoint we resume from; they will be written again."""
+    rows = [r for r in run.metric_rows() if r["update"] <= update]
+    write_text_atomic(run.metrics, "".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    path = RunDir(Path(run_dir)).config
+    if not path.exists():
+        raise UserError(f"{run_dir}: not a run directory (no {path.name})")
+    return config_from_dict(json.loads(path.read_text()), source=str(path))
+
+
+def resume_run(run_dir: Path, **kwargs) -> RunResult:
+    return train_run(load_run_config(run_dir), resume_dir=Path(run_dir), **kwargs)
+
+
+def validate_run(config: RunConfig) -> list[str]:
+    """Check a config and its data without loading weights. Returns what was found; raises
+    UserError listing every problem. Lengths are checked when the tokenizer is local."""
+    problems, notes = [], []
+    encoded = {}
+    try:
+        tokenizer = load_tokenizer(config.model.path, config.model.revision) if is_local(config.model.path) else None
+    except UserError as e:
+        problems += e.problems
+        tokenizer = None
+    if tokenizer is None and not problems:
+        notes.append(f"model {config.model.path} is not local: example lengths not checked")
+    for split in ("train", "valid"):
+        try:
+            records = split_records(config.data, split)
+            if tokenizer is not None and records:
+                fmt = PromptFormat(tokenizer, config.data.prompt_format, config.data.system_prompt)
+                encoded[split] = encode_records(records, fmt, config.training.max_seq_length,
+                                                config.data.overlength, config.data.mask_prompt)
+                notes += encoded[split].report_lines(split)
+            notes.append(f"{split}: {len(records)} examples")
+        except UserError as e:
+            problems += e.problems
+    if "train" in encoded:
+        if not encoded["train"].samples:
+            problems.append("training data: no example is left after length checks; raise training.max_seq_length")
+        else:
+            notes.append(f"schedule: {schedule_for(len(encoded['train'].samples), config.training).updates} "
+                         "optimizer updates")
+    if problems:
+        raise UserError(*problems)
+    return notes

@@ -1,0 +1,121 @@
+"""The adapters/ directory as a registry: list, show, verify and remove runs.
+
+Every run directory explains itself (rundir.RunInfo, adapter.AdapterConfig), so the registry
+keeps no index of its own: listing reads the directories. It never loads MLX."""
+
+import shutil
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+from .adapter import AdapterConfig, is_adapter_dir, read_adapter
+from .errors import NotFound, UserError
+from .files import read_json_or_empty, sha256_file
+from .rundir import RunDir, RunInfo
+from .shape import local_shape
+
+
+@dataclass
+class AdapterEntry:
+    name: str
+    path: str
+    status: str
+    base_model: str
+    trainable_parameters: Optional[int]
+    size_bytes: int
+    best_val_loss: Optional[float]
+    final_val_loss: Optional[float]
+    created: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def entry(run_dir: Path) -> AdapterEntry:
+    run = RunDir(run_dir)
+    info = RunInfo.load(run_dir)
+    try:
+        base_model = AdapterConfig.read(run_dir).base_model or "?"
+    except UserError:
+        base_model = "?"
+    created = info.created or datetime.fromtimestamp(run.adapter.stat().st_mtime,
+                                                     timezone.utc).isoformat(timespec="seconds")
+    return AdapterEntry(
+        name=run.name,
+        path=str(run_dir),
+        status=info.status if run.info.exists() else "exported",
+        base_model=base_model,
+        trainable_parameters=info.trainable_parameters,
+        size_bytes=run.adapter.stat().st_size,
+        best_val_loss=info.best.val_loss if info.best else None,
+        final_val_loss=info.final.val_loss if info.final else None,
+        created=created,
+    )
+
+
+def list_adapters(root: str | Path = "adapters") -> list[AdapterEntry]:
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    return sorted((entry(p) for p in root.iterdir() if p.is_dir() and is_adapter_dir(p)), key=lambda e: e.created)
+
+
+def find(root: str | Path, name: str) -> Path:
+    """A run by name inside root, or a path to an adapter directory."""
+    for candidate in (Path(root) / name, Path(name)):
+        if candidate.is_dir() and is_adapter_dir(candidate):
+            return candidate
+    known = ", ".join(e.name for e in list_adapters(root)) or "none"
+    raise NotFound(f"adapter '{name}' not found in {root} (known: {known})")
+
+
+def show(root: str | Path, name: str) -> dict:
+    run = RunDir(find(root, name))
+    return {**entry(run.path).to_dict(), "adapter_config": read_json_or_empty(run.adapter_config),
+            "run": read_json_or_empty(run.info)}
+
+
+def verify(root: str | Path, name: str, model_path: Optional[str] = None) -> list[str]:
+    """Check recorded checksums, that the tensors load, and that their shapes fit the base
+    model (the recorded one, or `model_path`). Returns what was checked; raises UserError
+    listing every failure."""
+    run_dir = find(root, name)
+    run = RunDir(run_dir)
+    problems, checked = [], []
+    recorded = RunInfo.load(run_dir).checksums
+    for file, expected in recorded.items():
+        path = run_dir / file
+        if not path.exists():
+            problems.append(f"{path}: missing (listed in {run.info.name})")
+        elif sha256_file(path) != expected:
+            problems.append(f"{path}: checksum differs from the one recorded when the run finished")
+        else:
+            checked.append(f"{file}: checksum ok")
+    if not recorded:
+        checked.append("no checksums recorded (run unfinished or exported): checked tensors only")
+    try:
+        adapter = read_adapter(run_dir)
+        checked.append(f"{run.adapter.name}: {len(adapter.pairs)} LoRA pairs load")
+    except UserError as e:
+        raise UserError(*problems, *e.problems) from None
+    shape = local_shape(Path(model_path)) if model_path else adapter.config.base_shape()
+    base = model_path or adapter.config.base_model
+    rank = adapter.config.rank
+    for p in adapter.pairs:
+        expected_in, expected_out = shape.projection_dims(p.projection)
+        if p.layer >= shape.num_layers:
+            problems.append(f"{run_dir}: layer {p.layer} does not exist in {base} ({shape.num_layers} layers)")
+        elif p.a.shape != (expected_in, rank) or p.b.shape != (rank, expected_out):
+            problems.append(f"{run_dir}: layer {p.layer} {p.module} has A {p.a.shape}, B {p.b.shape}; {base} "
+                            f"needs A ({expected_in}, {rank}), B ({rank}, {expected_out})")
+    if problems:
+        raise UserError(*problems)
+    checked.append(f"shapes fit {base} ({shape.describe()})")
+    return checked
+
+
+def remove(root: str | Path, name: str) -> Path:
+    run_dir = find(root, name)
+    shutil.rmtree(run_dir)
+    return run_dir

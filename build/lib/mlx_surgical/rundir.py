@@ -1,0 +1,191 @@
+"""A run directory: every file a run writes, by name, and the typed record of the run.
+
+    adapters/<run>/
+      run_config.json          the resolved config the run was started with (config.RunConfig)
+      run.json                 RunInfo below: provenance, status, timings, results, checksums
+      adapters.safetensors     the latest adapter, in mlx-lm's format (adapter.py) ...
+      adapter_config.json      ... so `mlx_lm.generate --adapter-path <run>` loads the run as it is
+      metrics.jsonl            one JSON line per optimizer update and per evaluation
+      loss.png                 training and validation loss against updates
+      best/                    the adapter with the best validation loss (adapter files + update, val_loss)
+      checkpoints/update-NNNNNNN/
+        adapters.safetensors, adapter_config.json, optimizer.safetensors, state.json
+                               a resumable checkpoint (checkpoint.py)
+
+The pipeline writes these; the registry, the server, evaluation and the dashboard read them
+through this module. Nothing here imports MLX.
+"""
+
+from dataclasses import asdict, dataclass, field, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+from .files import read_json_or_empty, read_jsonl, sha256_file, write_json_atomic
+
+RUN_CONFIG = "run_config.json"
+RUN_INFO = "run.json"
+ADAPTER_FILE = "adapters.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+METRICS = "metrics.jsonl"
+LOSS_PLOT = "loss.png"
+BEST_DIR = "best"
+CHECKPOINTS_DIR = "checkpoints"
+CHECKPOINT_PREFIX = "update-"
+OPTIMIZER_FILE = "optimizer.safetensors"
+STATE_FILE = "state.json"
+
+# The files a user ships, checksummed in run.json when a run finishes.
+CHECKSUMMED = (ADAPTER_FILE, ADAPTER_CONFIG, f"{BEST_DIR}/{ADAPTER_FILE}", f"{BEST_DIR}/{ADAPTER_CONFIG}")
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The paths of one run directory."""
+
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def config(self) -> Path:
+        return self.path / RUN_CONFIG
+
+    @property
+    def info(self) -> Path:
+        return self.path / RUN_INFO
+
+    @property
+    def adapter(self) -> Path:
+        return self.path / ADAPTER_FILE
+
+    @property
+    def adapter_config(self) -> Path:
+        return self.path / ADAPTER_CONFIG
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS
+
+    @property
+    def loss_plot(self) -> Path:
+        return self.path / LOSS_PLOT
+
+    @property
+    def best(self) -> Path:
+        return self.path / BEST_DIR
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS_DIR
+
+    def checkpoint(self, update: int) -> Path:
+        return self.checkpoints / f"{CHECKPOINT_PREFIX}{update:07d}"
+
+    def checkpoint_dirs(self) -> list[Path]:
+        """Complete checkpoints, oldest first (staging directories start with a dot)."""
+        if not self.checkpoints.is_dir():
+            return []
+        return sorted(p for p in self.checkpoints.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX))
+
+    def metric_rows(self) -> list[dict]:
+        return read_jsonl(self.metrics)
+
+    def checksums(self) -> dict[str, str]:
+        """sha256 of the files a user ships, recorded in run.json when a run finishes."""
+        return {name: sha256_file(self.path / name) for name in CHECKSUMMED if (self.path / name).exists()}
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class BaseModelInfo:
+    path: str
+    resolved_path: str
+    fingerprint: str
+    shape: str
+
+
+@dataclass
+class DataInfo:
+    hash: str
+    train_examples: int
+    valid_examples: int
+    train_tokens: int
+    truncated: list  # example names cut to max_seq_length
+    skipped: list  # example names left out
+
+
+@dataclass
+class Timings:
+    load_seconds: Optional[float] = None
+    train_seconds: Optional[float] = None
+    finished: Optional[str] = None
+
+
+@dataclass
+class BestInfo:
+    val_loss: Optional[float] = None
+    update: Optional[int] = None
+
+
+@dataclass
+class FinalInfo:
+    loss: Optional[float] = None
+    val_loss: Optional[float] = None
+
+
+# Nested records, by field name, so `load` can rebuild them from JSON.
+_NESTED = {"base_model": BaseModelInfo, "data": DataInfo, "timings": Timings, "best": BestInfo, "final": FinalInfo}
+
+
+@dataclass
+class RunInfo:
+    """run.json. Written when a run starts, at every status change and when it finishes."""
+
+    name: str
+    created: str = field(default_factory=now)
+    status: str = "running"  # running | succeeded | stopped_early | interrupted | failed
+    update: int = 0
+    base_model: Optional[BaseModelInfo] = None
+    data: Optional[DataInfo] = None
+    trainable_parameters: Optional[int] = None
+    schedule: Optional[dict] = None  # train.Schedule as a dict
+    ranks: int = 1
+    prompt_format: Optional[str] = None
+    versions: dict = field(default_factory=dict)
+    timings: Timings = field(default_factory=Timings)
+    first_loss: Optional[float] = None  # the loss of the run's first update
+    best: Optional[BestInfo] = None
+    final: Optional[FinalInfo] = None
+    error: Optional[str] = None
+    checksums: dict = field(default_factory=dict)
+    # Keys this version does not know (a newer mlx_surgical wrote them), kept when rewriting.
+    extra: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def load(cls, run_dir: Path) -> "RunInfo":
+        """The record of a run, also of run directories written by earlier versions; a run
+        without run.json (an exported adapter) gets a record named after its folder."""
+        raw = read_json_or_empty(RunDir(Path(run_dir)).info)
+        known = {f.name for f in fields(cls)} - {"extra"}
+        values = {k: v for k, v in raw.items() if k in known}
+        for key, record in _NESTED.items():
+            if isinstance(values.get(key), dict):
+                names = {f.name for f in fields(record)}
+                values[key] = record(**{k: v for k, v in values[key].items() if k in names})
+        values.setdefault("name", Path(run_dir).name)
+        if "created" not in raw:
+            values["created"] = ""
+        return cls(**values, extra={k: v for k, v in raw.items() if k not in known})
+
+    def to_dict(self) -> dict:
+        data = {k: v for k, v in asdict(self).items() if k != "extra"}
+        return {**self.extra, **data}
+
+    def save(self, run_dir: Path) -> None:
+        write_json_atomic(RunDir(Path(run_dir)).info, self.to_dict())

@@ -1,0 +1,264 @@
+"""The local REST server: HTTP routes that translate to jobs.py, registry.py and export/, and
+the dashboard at `/`, which calls these same routes and nothing else.
+
+    curl -X POST http://127.0.0.1:5001/api/training/start -H "Content-Type: application/json" \\
+         -d @surgical_training_config_full.json
+
+The body is the same JSON config the CLI takes (examples inline, or files inside the
+workspace). Training runs in a worker process, one job at a time; the server only answers.
+Every request first passes guard.RequestGuard.
+"""
+
+import asyncio
+import json
+import shutil
+import socket
+import tempfile
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Iterable, Optional
+from urllib.parse import quote
+
+from fastapi import FastAPI, Request
+from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.background import BackgroundTask
+
+from .. import __version__
+from ..backend import describe
+from ..config import parse_json_file, preset_names, preset_path, settings_help
+from ..errors import NotFound, UserError
+from ..export import export_adapter
+from ..jobs import FINISHED, JobStore, Scheduler, prepare_config
+from ..registry import find, list_adapters, show, verify
+from ..rundir import RunDir
+from .guard import LOOPBACK, WILDCARD, RequestGuard, problem
+from .workspace import remove_run, save_upload
+
+DEFAULT_MAX_BODY = 20 * 1024 * 1024
+STATIC = Path(__file__).parent / "static"
+SERVED_FORMATS = ("mlx", "peft", "gguf")
+# The dashboard loads only its own files and talks only to this server; no page may frame it.
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; frame-ancestors 'none'",
+                "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
+
+
+class BodyTooLarge(UserError):
+    """A body over --max-body-mb (HTTP 413)."""
+
+
+def create_app(workspace: Path, token: Optional[str] = None, max_body: int = DEFAULT_MAX_BODY,
+               host: str = "127.0.0.1", allow_hosts: Iterable[str] = ()) -> FastAPI:
+    """The app for a server bound to `host`; `allow_hosts` are further names clients may use
+    in Host and Origin (a reverse proxy's)."""
+    store = JobStore(workspace)
+    scheduler = Scheduler(store)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        scheduler.start()
+        yield
+        scheduler.shutdown()
+
+    app = FastAPI(title="mlx_surgical", version=__version__, lifespan=lifespan)
+    app.add_middleware(RequestGuard, token=token, bound_host=host, allow_hosts=tuple(allow_hosts), max_body=max_body)
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    async def json_body(request: Request):
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_body:  # a chunked body has no content-length to check up front
+                raise BodyTooLarge(f"request body is over the limit of {max_body:,} bytes")
+        try:
+            return json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"request body: malformed JSON: {e}") from None
+
+    @app.exception_handler(BodyTooLarge)
+    async def too_large(request, exc: BodyTooLarge):
+        return problem(413, *exc.problems)
+
+    @app.exception_handler(NotFound)
+    async def not_found(request, exc: NotFound):
+        return problem(404, *exc.problems)
+
+    @app.exception_handler(UserError)
+    async def user_error(request, exc: UserError):
+        return problem(422, *exc.problems)
+
+    @app.get("/", include_in_schema=False)
+    async def dashboard():
+        return FileResponse(STATIC / "index.html", headers=PAGE_HEADERS)
+
+    @app.get("/api/health")
+    async def health(request: Request):
+        if not request.state.authorized:
+            return {"status": "up"}
+        return {"version": __version__, **describe(), "status": "busy" if scheduler.busy else "idle",
+                "workspace": str(store.workspace)}
+
+    @app.get("/api/presets")
+    async def presets():
+        return [{"name": name, "config": parse_json_file(preset_path(name))} for name in preset_names()]
+
+    @app.get("/api/config/settings")
+    async def settings():
+        return settings_help()
+
+    @app.post("/api/uploads")
+    async def upload(request: Request):
+        return await asyncio.to_thread(save_upload, store, await json_body(request))
+
+    @app.post("/api/training/validate")
+    async def validate(request: Request):
+        config, notes = await asyncio.to_thread(prepare_config, await json_body(request), store)
+        return {"notes": notes, "run_name": config.output.name}
+
+    @app.post("/api/training/start", status_code=202)
+    async def start(request: Request):
+        config, _ = await asyncio.to_thread(prepare_config, await json_body(request), store)
+        job = store.create(config)
+        return {"id": job.id, "state": job.state, "run_name": job.run_name}
+
+    @app.get("/api/training/jobs")
+    async def jobs():
+        return [j.public() for j in store.all()]
+
+    @app.get("/api/training/jobs/{job_id}")
+    async def job(job_id: str):
+        return store.get(job_id).public()
+
+    @app.get("/api/training/jobs/{job_id}/metrics")
+    async def metrics(job_id: str):
+        return RunDir(Path(store.get(job_id).run_dir)).metric_rows()
+
+    @app.get("/api/training/jobs/{job_id}/events")
+    async def events(job_id: str):
+        store.get(job_id)
+
+        async def stream():
+            sent = 0
+            while True:
+                current = store.get(job_id)  # read before the events: a finished job has written them all
+                events = store.events(job_id)
+                for event in events[sent:]:
+                    yield f"data: {json.dumps(event)}\n\n"
+                sent = len(events)
+                if current.state in FINISHED:
+                    yield f"event: state\ndata: {json.dumps(current.public())}\n\n"
+                    return
+                await asyncio.sleep(0.2)
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    @app.post("/api/training/jobs/{job_id}/stop")
+    async def stop(job_id: str):
+        store.get(job_id)
+        return scheduler.stop(job_id).public()
+
+    @app.post("/api/training/jobs/{job_id}/resume", status_code=202)
+    async def resume(job_id: str):
+        store.get(job_id)
+        return scheduler.resume(job_id).public()
+
+    @app.get("/api/adapters")
+    async def adapters():
+        return [e.to_dict() for e in list_adapters(store.adapters)]
+
+    @app.get("/api/adapters/{name}")
+    async def adapter(name: str):
+        return show(store.adapters, _plain(name))
+
+    @app.delete("/api/adapters/{name}")
+    async def delete_adapter(name: str):
+        await asyncio.to_thread(remove_run, store, _plain(name))
+        return {"deleted": name}
+
+    @app.post("/api/adapters/{name}/verify")
+    async def verify_adapter(name: str):
+        return {"checked": await asyncio.to_thread(verify, store.adapters, _plain(name))}
+
+    @app.get("/api/adapters/{name}/metrics")
+    async def adapter_metrics(name: str):
+        return RunDir(find(store.adapters, _plain(name))).metric_rows()
+
+    @app.get("/api/adapters/{name}/config")
+    async def adapter_config(name: str):
+        return parse_json_file(RunDir(find(store.adapters, _plain(name))).config, "run config")
+
+    @app.get("/api/adapters/{name}/plan")
+    async def adapter_plan(name: str):
+        from ..pipeline import load_run_config  # loads MLX (the plan reads the tokenizer), as validating does
+        from ..plan import plan_run
+
+        config = load_run_config(find(store.adapters, _plain(name)))
+        return await asyncio.to_thread(plan_run, config, probe=False)
+
+    @app.get("/api/adapters/{name}/export")
+    async def export(name: str, format: str = "mlx"):
+        if format not in SERVED_FORMATS:
+            return problem(422, f"format: unknown format '{format}'; choose mlx, peft or gguf")
+        run_dir = find(store.adapters, _plain(name))
+        scratch = Path(tempfile.mkdtemp(prefix="export-"))
+        out = await asyncio.to_thread(export_adapter, run_dir, format, scratch / f"{run_dir.name}-{format}")
+        archive = shutil.make_archive(str(scratch / f"{run_dir.name}-{format}"), "zip",
+                                      root_dir=out.parent, base_dir=out.name)
+        return FileResponse(archive, filename=Path(archive).name, media_type="application/zip",
+                            background=BackgroundTask(shutil.rmtree, scratch, True))
+
+    return app
+
+
+def _plain(name: str) -> str:
+    """Adapter names in URLs are plain names, never paths."""
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        raise UserError(f"adapter name '{name}': use a plain run name")
+    return name
+
+
+def check_bind(host: str, token: Optional[str], allow_remote: bool) -> None:
+    if host not in LOOPBACK and not token and not allow_remote:
+        raise UserError(f"--host {host}: binding beyond loopback without --token would let anyone on the network "
+                        "train and download adapters; pass --token (or --allow-remote to accept that)")
+
+
+def dashboard_url(host: str, port: int, token: Optional[str], allow_hosts: Iterable[str] = ()) -> str:
+    """The address to open: a wildcard bind is reached through an allowed name or loopback."""
+    name = host if host not in WILDCARD else next(iter(allow_hosts), "127.0.0.1")
+    name = f"[{name}]" if ":" in name else name
+    return f"http://{name}:{port}/" + (f"?token={quote(token, safe='')}" if token else "")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before anything is printed, so a busy port is one clear line."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise UserError(f"--host {host} --port {port}: cannot listen there ({e.strerror}); "
+                        "choose another --port or stop the program using it") from None
+    return sock
+
+
+def serve(host: str, port: int, workspace: Path, token: Optional[str], allow_remote: bool = False,
+          max_body: int = DEFAULT_MAX_BODY, allow_hosts: Iterable[str] = ()) -> None:
+    import uvicorn
+
+    check_bind(host, token, allow_remote)
+    allow_hosts = tuple(allow_hosts)
+    app = create_app(workspace, token, max_body, host, allow_hosts)
+    sock = bind(host, port)
+    lines = [f"mlx-surgical serve: dashboard and API at {dashboard_url(host, port, token, allow_hosts)}",
+             f"  workspace {Path(workspace).resolve()}",
+             "  a token is required (Authorization: Bearer; the URL above carries it for the dashboard)" if token
+             else "  no token: open to every local client; pass --token to require one"]
+    if host in WILDCARD and not allow_hosts:
+        lines.append("  bound to every interface: name the host clients use with --allow-host NAME")
+    print("\n".join(lines), flush=True)
+    # Open event streams (a dashboard watching a run) would otherwise hold a Ctrl-C until the job ends.
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    server.run(sockets=[sock])

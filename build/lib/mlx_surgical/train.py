@@ -1,0 +1,219 @@
+"""The training loop: compiled gradient step, gradient accumulation, schedule, evaluation.
+
+`train` receives everything that varies as arguments (the loss, the batches, the
+callbacks), so fresh, resumed, QLoRA and data-parallel runs use this one loop. Progress reaches the
+console, the metrics file and the server only through callbacks.
+
+The loss function (see `loss.py`) is called as loss_fn(model, *batch.loss_inputs()).
+Accumulation is exact: it returns a token-summed loss and its token
+count, the gradients of the sums are added over the micro-batches, and the update divides
+by the total token count. So batch 1 x 4 steps gives the same update as batch 4.
+"""
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+from typing import Callable, Optional, Protocol
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_map
+
+from .checkpoint import TrainState
+from .data import Batch
+from .config import TrainingConfig
+from .errors import TrainingDiverged, TrainingInterrupted
+
+
+DEFAULT_EPOCHS = 3
+
+
+@dataclass(frozen=True)
+class Schedule:
+    examples: int
+    micro_batches_per_epoch: int
+    micro_batches: int
+    updates: int
+    warmup_updates: int
+    epochs: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def schedule_for(examples: int, training: TrainingConfig) -> Schedule:
+    """Epochs (or iters) as a number of optimizer updates. Each epoch is ceil(examples / batch
+    size) micro-batches and every update takes grad_accumulation_steps of them; when the
+    epochs do not divide evenly, the last update completes its window from the next epoch's
+    order."""
+    per_epoch = -(-examples // training.batch_size)
+    if training.iters is not None:
+        updates = training.iters
+        micro = updates * training.grad_accumulation_steps
+    else:
+        epochs = training.epochs or DEFAULT_EPOCHS
+        micro = per_epoch * epochs
+        updates = -(-micro // training.grad_accumulation_steps)
+    return Schedule(examples, per_epoch, micro, updates, min(training.warmup_steps, updates),
+                    micro / per_epoch if per_epoch else 0.0)
+
+
+def learning_rate_schedule(peak: float, minimum: float, warmup: int, total: int, kind: str):
+    """Linear warmup from peak/warmup to peak over `warmup` updates, then decay to `minimum`
+    by the last update. MLX evaluates the schedule at the optimizer's step count before each
+    update, so update k (0-based) runs at schedule(k)."""
+    decay_steps = max(total - warmup, 1)
+    decay = {
+        "cosine": lambda: optim.cosine_decay(peak, decay_steps, minimum),
+        "linear": lambda: optim.linear_schedule(peak, minimum, decay_steps),
+        "constant": lambda: (lambda step: mx.array(peak, mx.float32)),
+    }[kind]()
+    if warmup <= 0:
+        return decay
+    ramp = optim.linear_schedule(peak / warmup, peak, max(warmup - 1, 1)) if warmup > 1 else (lambda s: peak)
+    return optim.join_schedules([ramp, decay], [warmup])
+
+
+def make_optimizer(learning_rate, weight_decay: float) -> optim.AdamW:
+    # Bias-corrected like PyTorch's AdamW, so recipes carry over; weight decay is decoupled.
+    return optim.AdamW(learning_rate=learning_rate, weight_decay=weight_decay, bias_correction=True)
+
+
+class Callback(Protocol):
+    """Every hook is optional; a callback implements the ones it needs."""
+
+    def on_start(self, info: dict) -> None: ...
+    def on_update(self, report: dict, state: TrainState) -> None: ...
+    def on_eval(self, report: dict, state: TrainState, improved: bool) -> None: ...
+    def on_stop(self, reason: str, state: TrainState) -> None: ...
+
+
+@dataclass
+class LoopSettings:
+    total_updates: int
+    grad_accumulation_steps: int
+    eval_every: int
+    patience: int = 0
+    seed: int = 0
+    world: Optional[object] = None  # an mx.distributed group of data-parallel ranks, or None
+
+
+def dropout_seed(seed: int, position: int, rank: int = 0) -> int:
+    """Each micro-batch draws its dropout masks from a key fixed by (seed, position, rank), so
+    a resumed run needs no saved random state to continue exactly."""
+    return ((seed % 2 ** 31) * 2 ** 32 + position) * 1024 + rank
+
+
+@dataclass
+class LoopResult:
+    state: TrainState
+    stopped_early: bool
+    final_val_loss: Optional[float]
+
+
+def _emit(callbacks, hook: str, *args):
+    for cb in callbacks:
+        fn = getattr(cb, hook, None)
+        if fn is not None:
+            fn(*args)
+
+
+def evaluate(model, loss_fn, batches) -> Optional[float]:
+    """Token-weighted mean loss over all batches (with dropout off)."""
+    model.eval()
+    total, count = mx.array(0.0), mx.array(0.0)
+    for batch in batches:
+        loss_sum, ntoks = loss_fn(model, *map(mx.array, batch.loss_inputs()))
+        total, count = total + loss_sum, count + ntoks
+        mx.eval(total, count)
+    model.train()
+    return (total / count).item() if count.item() > 0 else None
+
+
+def train(model, optimizer, loss_fn: Callable, batch_at: Callable[[int], Batch], settings: LoopSettings,
+          state: TrainState, eval_fn: Optional[Callable[[], Optional[float]]] = None,
+          callbacks: tuple = (), should_stop: Callable[[], bool] = lambda: False) -> LoopResult:
+    """Run optimizer updates from `state.update` to `settings.total_updates`.
+
+    batch_at(position) returns the micro-batch at a position in the data order, so a resumed
+    loop continues exactly where the checkpoint left off. should_stop is polled after every
+    update (Ctrl-C, a stop request): the callbacks see on_stop("interrupted") at a clean
+    update boundary, where a checkpoint resumes exactly, and TrainingInterrupted is raised.
+    """
+    accum = settings.grad_accumulation_steps
+    world = settings.world
+    ranks, rank = (world.size(), world.rank()) if world is not None else (1, 0)
+
+    def across_ranks(x, stream=None):
+        """Sum over data-parallel ranks (identity for one process). Scalars outside the
+        compiled step go through the CPU stream, as mlx-lm's trainer does."""
+        return mx.distributed.all_sum(x, group=world, stream=stream) if ranks > 1 else x
+    value_and_grad = nn.value_and_grad(model, loss_fn)
+    compiled_state = [model.state, optimizer.state, mx.random.state]
+
+    @partial(mx.compile, inputs=compiled_state, outputs=compiled_state)
+    def grad_step(*loss_inputs):
+        (loss_sum, ntoks), grads = value_and_grad(model, *loss_inputs)
+        return loss_sum, ntoks, grads
+
+    @partial(mx.compile, inputs=compiled_state, outputs=compiled_state)
+    def apply_update(grads, ntoks):
+        grads = tree_map(across_ranks, grads)
+        optimizer.update(model, tree_map(lambda g: g / ntoks, grads))
+
+    model.train()
+    final_val = None
+    stopped_early = False
+    _emit(callbacks, "on_start", {"total_updates": settings.total_updates, "update": state.update})
+    while state.update < settings.total_updates:
+        tic = time.perf_counter()
+        grads, loss_total, tok_total, tokens = None, mx.array(0.0), mx.array(0.0), 0
+        for micro in range(accum):
+            batch = batch_at(state.position + micro)
+            mx.random.seed(dropout_seed(settings.seed, state.position + micro, rank))
+            loss_sum, ntoks, g = grad_step(*map(mx.array, batch.loss_inputs()))
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            loss_total, tok_total = loss_total + loss_sum, tok_total + ntoks
+            tokens += batch.tokens
+            mx.eval(grads, loss_total, tok_total)
+        loss_total, tok_total = across_ranks(loss_total, mx.cpu), across_ranks(tok_total, mx.cpu)
+        tokens = int(across_ranks(mx.array(tokens), mx.cpu).item())
+        loss = (loss_total / mx.maximum(tok_total, 1)).item()
+        if not math.isfinite(loss):
+            raise TrainingDiverged(
+                f"training: loss became {loss} at update {state.update + 1}; the last checkpoint is kept. "
+                "Lower training.learning_rate or check the data.")
+        apply_update(grads, tok_total)
+        mx.eval(model.trainable_parameters(), optimizer.state)
+
+        seconds = time.perf_counter() - tic
+        state.update += 1
+        state.position += accum
+        state.tokens += tokens
+        state.train_seconds += seconds
+        report = {"update": state.update, "total_updates": settings.total_updates, "loss": loss,
+                  "learning_rate": optimizer.learning_rate.item(), "tokens_per_second": tokens / seconds,
+                  "tokens": state.tokens, "seconds": seconds, "peak_memory_gb": mx.get_peak_memory() / 1e9}
+        _emit(callbacks, "on_update", report, state)
+
+        last = state.update == settings.total_updates
+        if eval_fn is not None and (state.update % settings.eval_every == 0 or last):
+            val_loss = eval_fn()
+            final_val = val_loss
+            improved = val_loss is not None and (state.best_val_loss is None or val_loss < state.best_val_loss)
+            if improved:
+                state.best_val_loss, state.best_update, state.evals_since_best = val_loss, state.update, 0
+            else:
+                state.evals_since_best += 1
+            _emit(callbacks, "on_eval", {"update": state.update, "val_loss": val_loss}, state, improved)
+            if settings.patience and state.evals_since_best >= settings.patience and not last:
+                stopped_early = True
+                _emit(callbacks, "on_stop", "early_stopping", state)
+                break
+        # Every rank must stop at the same update, or the others would wait in all_sum forever.
+        if not last and across_ranks(mx.array(int(should_stop())), mx.cpu).item() > 0:
+            _emit(callbacks, "on_stop", "interrupted", state)
+            raise TrainingInterrupted(f"stopped at update {state.update} of {settings.total_updates}")
+    return LoopResult(state, stopped_early, final_val)
