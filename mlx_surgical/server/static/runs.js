@@ -1,5 +1,6 @@
-// Runs: every job and every run in the workspace. The running job's row follows its event
-// stream; the whole list is read again when that job ends and every 15 s while the tab is shown.
+// Runs: every job and every run in the workspace. The row of the running job (or, when none
+// runs, of the next queued one) follows its event stream; the whole list is read again when
+// that job ends and every 15 s while the tab is shown.
 
 import { api, streamEvents } from "./api.js";
 import { ACTIVE, duration, fill, fixed, h, integer, progressBar, refreshHealth, stateBadge, when } from "./util.js";
@@ -10,7 +11,7 @@ const REFRESH_MS = 15_000;
 export async function listRuns(signal) {
   const [jobs, adapters] = await Promise.all([api.get("/api/training/jobs", signal), api.get("/api/adapters", signal)]);
   const rows = new Map();
-  for (const job of jobs) rows.set(job.run_name, { name: job.run_name, job, adapter: null });
+  jobs.forEach((job, queuePosition) => rows.set(job.run_name, { name: job.run_name, job, adapter: null, queuePosition }));
   for (const adapter of adapters) {
     const row = rows.get(adapter.name) || { name: adapter.name, job: null };
     row.adapter = adapter;
@@ -47,8 +48,9 @@ export async function runsView(main, { signal }) {
       return tr;
     }));
     empty.hidden = runs.length > 0;
-    const running = runs.find((run) => run.job?.state === "running");
-    if (running && running.job.id !== following) follow(running.job.id);
+    const next = runs.find((run) => run.job?.state === "running")
+      || runs.filter((run) => run.job?.state === "queued").sort((a, b) => a.queuePosition - b.queuePosition)[0];
+    if (next && next.job.id !== following) follow(next.job.id);
   }
 
   function follow(jobId) {
@@ -57,7 +59,7 @@ export async function runsView(main, { signal }) {
       const entry = rowsByJob.get(jobId);
       if (!entry) return;
       if (type === "state") Object.assign(entry.run.job, data);
-      else if (data.type === "progress") Object.assign(entry.run.job, data);
+      else if (data.type === "progress") Object.assign(entry.run.job, data, { state: "running" });
       else if (data.type === "validation") entry.run.job.val_loss = data.val_loss;
       renderRow(entry.tr, entry.run);
     }, signal).catch(() => {}).finally(() => {
