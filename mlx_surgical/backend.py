@@ -1,4 +1,5 @@
-"""Which MLX backend runs, and a fast BLAS for MLX's CPU backend on Linux.
+"""Which MLX backend runs, a fast BLAS for MLX's CPU backend on Linux, and the one rule for
+saying so when a run is about to take a path much slower than one the user can switch to.
 
 The Linux `mlx[cpu]` wheel links a reference BLAS that runs sgemm at 2-4 GFLOP/s on one
 thread; the same process with OpenBLAS preloaded runs it at 40-60. `ensure_fast_blas`
@@ -13,7 +14,14 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
+
+from .console import command_line
+from .provenance import read_provenance
+
+if TYPE_CHECKING:
+    from .config import RunConfig
+    from .shape import ModelShape
 
 OPT_OUT = "MLX_SURGICAL_FAST_BLAS"
 REEXECED = "_MLX_SURGICAL_BLAS_REEXEC"
@@ -27,7 +35,17 @@ OPENBLAS_CANDIDATES = (
     "/usr/lib64/libopenblas.so.0",
     "/usr/lib/libopenblas.so.0",
 )
-INSTALL_HINT = "install OpenBLAS (Debian/Ubuntu: apt-get install libopenblas0-pthread)"
+INSTALL_HINT = ("install OpenBLAS: `apt-get install libopenblas0-pthread` (Debian/Ubuntu), `dnf install openblas` "
+                "(Fedora/RHEL) or `conda install openblas`; mlx-surgical then preloads it by itself")
+
+# How much slower the slow paths train, as measured on 2-core Linux x86_64 machines (issue 18):
+# the quickstart at 16.9 s/update with the wheel's reference BLAS against 1.16 with OpenBLAS;
+# a 4-bit base with float16 unquantized parts at 8.14 s/update against 0.27 with float32 ones
+# (MLX's CPU backend has no fast float16 matmul), and 0.12 unquantized float32.
+NO_OPENBLAS_SLOWDOWN = 14
+HALF_PRECISION_SLOWDOWN = 30
+QUANTIZED_SLOWDOWN = 2
+
 CACHE_ENV = "MLX_SURGICAL_CACHE"
 # The instruction-set extensions that change which CPU kernels win.
 SPEED_FLAGS = {"avx2": "AVX2", "avx512f": "AVX-512", "amx_tile": "AMX", "asimd": "NEON", "sve": "SVE"}
@@ -134,6 +152,66 @@ def keep_freed_memory() -> None:
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
     mallopt(M_MMAP_THRESHOLD, 32 * 1024 * 1024)
     mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)
+
+
+def _on_cpu() -> bool:
+    from .forward import on_cpu_backend  # loads MLX, which this module must not do at import
+
+    return on_cpu_backend()
+
+
+def training_dtype(requested: str) -> str:
+    """model.dtype as training uses it: 'auto' is float32 on the CPU backend, where it is the
+    only dtype that reaches the fast BLAS, and the stored dtype elsewhere (Metal, CUDA)."""
+    return "float32" if requested == "auto" and _on_cpu() else requested
+
+
+def default_convert_dtype() -> str:
+    """The dtype `convert` writes unquantized parts in: what trains fastest on this backend."""
+    return "float32" if _on_cpu() else "float16"
+
+
+def blas_warning() -> Optional[str]:
+    """Why MLX's CPU backend on Linux runs with the slow reference BLAS, and the fix; None when
+    it does not."""
+    if platform.system() != "Linux" or not _on_cpu() or openblas_preloaded():
+        return None
+    library = find_openblas()
+    if library is None:
+        return (f"MLX's CPU backend is using the slow reference BLAS: training runs about {NO_OPENBLAS_SLOWDOWN}x "
+                f"slower than with OpenBLAS. Fix: {INSTALL_HINT}.")
+    return (f"OpenBLAS is installed ({library}) but not in use, so training runs about {NO_OPENBLAS_SLOWDOWN}x "
+            f"slower: run through the mlx-surgical command, without {OPT_OUT}=0.")
+
+
+def machine_memory_gb() -> Optional[float]:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def slow_path_warnings(config: "RunConfig", shape: "ModelShape") -> list[str]:
+    """One line for each way this run would train much slower than it could on this machine,
+    with the factor and the exact fix. Empty on Metal and CUDA."""
+    if not _on_cpu():
+        return []
+    warnings = [blas_warning()]
+    dtype = training_dtype(config.model.dtype)
+    if dtype in ("float16", "bfloat16"):
+        warnings.append(f"model.dtype is {dtype}: on MLX's CPU backend that trains about {HALF_PRECISION_SLOWDOWN}x "
+                        'slower than float32. Fix: "dtype": "float32" (or "auto") in the config\'s model section.')
+    memory = machine_memory_gb()
+    float32_gb = 4 * shape.parameter_count / 1e9
+    # Only where the user can switch: the float32 weights must leave room to train.
+    if shape.quant_bits and memory and float32_gb < memory / 2:
+        source = read_provenance(Path(config.model.path)).source
+        fix = (command_line("mlx-surgical", "convert", source, "--bits", "none", "--dtype", "float32") if source
+               else "convert the unquantized original with `mlx-surgical convert SOURCE --bits none --dtype float32`")
+        warnings.append(f"{config.model.path} is {shape.quant_bits}-bit: on MLX's CPU backend a quantized base "
+                        f"trains about {QUANTIZED_SLOWDOWN}x slower than float32 weights, which fit this machine "
+                        f"({float32_gb:.1f} GB of {memory:.0f} GB). Fix: {fix}, and point model.path at the result.")
+    return [w for w in warnings if w]
 
 
 def measure_sgemm_gflops(n: int = 512, repeats: int = 20) -> float:

@@ -1,41 +1,72 @@
 """Training callbacks: the console progress bar, the metrics file, checkpoints and the best
 adapter. The loop knows none of them; the pipeline picks which to pass."""
 
+import sys
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional, TextIO
 
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from .adapter import AdapterConfig, write_adapter
 from .checkpoint import TrainState, save_checkpoint
+from .console import counted, is_terminal
 from .files import append_jsonl
 from .rundir import RunDir
 from .surgery import adapter_weights
 
 
-class ConsoleProgress:
-    """A tqdm bar over optimizer updates with loss, learning rate and tokens/s."""
+ProgressStyle = Literal["auto", "bar", "lines", "off"]
 
-    def __init__(self, enabled: bool = True):
-        self.enabled = enabled
+
+class ConsoleProgress:
+    """Progress on stderr. "bar": a tqdm bar over optimizer updates with loss, learning rate
+    and tokens/s. "lines": a plain line at the first update, every 5% of the run and at the
+    last, for logs and pipes (a bar there is a flood of carriage-return frames). "auto" picks
+    the bar on a terminal and lines elsewhere; True means "auto" and False "off"."""
+
+    LINES_PER_RUN = 20
+
+    def __init__(self, style: ProgressStyle | bool = "auto", stream: Optional[TextIO] = None):
+        self.stream = stream or sys.stderr
+        style = {True: "auto", False: "off"}.get(style, style)
+        if style == "auto":
+            style = "bar" if is_terminal(self.stream) else "lines"
+        self.style = style
         self.bar = None
+        self.first = self.total = self.every = 0
+        self.seconds = 0.0
 
     def on_start(self, info: dict) -> None:
-        if self.enabled:
-            self.bar = tqdm(total=info["total_updates"], initial=info["update"], unit="update", dynamic_ncols=True)
+        self.first, self.total = info["update"] + 1, info["total_updates"]
+        self.every = max(1, -(-self.total // self.LINES_PER_RUN))
+        if self.style == "bar":
+            self.bar = tqdm(total=self.total, initial=info["update"], unit="update", dynamic_ncols=True,
+                            file=self.stream)
+        elif self.style == "lines":
+            self._line(f"training {counted(self.total - info['update'], 'optimizer update')}"
+                       + (f", from update {info['update']}" if info["update"] else ""))
 
     def on_update(self, report: dict, state: TrainState) -> None:
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{report['loss']:.3f}", lr=f"{report['learning_rate']:.2e}",
                                  tok_s=f"{report['tokens_per_second']:.0f}", refresh=False)
             self.bar.update(1)
+        elif self.style == "lines":
+            self.seconds += report["seconds"]
+            update = report["update"]
+            if update % self.every == 0 or update in (self.first, self.total):
+                left = self.seconds / (update - self.first + 1) * (self.total - update)
+                self._line(f"update {update}/{self.total}: loss {report['loss']:.3f}, "
+                           f"lr {report['learning_rate']:.2e}, {report['tokens_per_second']:,.0f} tokens/s, "
+                           f"{_clock(self.seconds)} so far, {_clock(left)} left")
 
     def on_eval(self, report: dict, state: TrainState, improved: bool) -> None:
-        if self.bar is not None and report["val_loss"] is not None:
-            self.bar.write(f"update {report['update']}: validation loss {report['val_loss']:.4f}"
-                           + (" (best)" if improved else ""))
+        if report["val_loss"] is None or self.style == "off":
+            return
+        line = f"update {report['update']}: validation loss {report['val_loss']:.4f}" + (" (best)" if improved else "")
+        self.bar.write(line, file=self.stream) if self.bar is not None else self._line(line)
 
     def on_stop(self, reason: str, state: TrainState) -> None:
         self.close()
@@ -44,6 +75,16 @@ class ConsoleProgress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+    def _line(self, text: str) -> None:
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
 
 
 class MetricsFile:

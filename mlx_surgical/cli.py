@@ -10,12 +10,13 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import UserError
+from .errors import TrainingInterrupted, UserError
 from .export import FORMATS
 
 
 def user_errors(fn):
-    """Turn UserError into one line per problem on stderr and exit status 2."""
+    """Turn UserError into one line per problem on stderr and exit status 2; a stopped or
+    aborted run (Ctrl-C) into its one line saying how to continue, and status 130."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -25,8 +26,17 @@ def user_errors(fn):
             for problem in e.problems:
                 click.echo(f"error: {problem}", err=True)
             sys.exit(2)
+        except TrainingInterrupted as e:
+            click.echo(str(e), err=True)
+            sys.exit(130)
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted", err=True)
+            sys.exit(130)
 
     return wrapper
+
+
+NO_PROGRESS_HELP = "No progress bar: a plain line every 5% of the run (as when output is not a terminal)."
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -40,28 +50,14 @@ def cli():
 @click.option("--model-dir", default="models/tiny-llama", show_default=True,
               help="Where the tiny model is built (or reused).")
 @click.option("--epochs", type=int, default=None, help="Override the preset's epochs (for a shorter demo).")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--no-progress", is_flag=True, help=NO_PROGRESS_HELP)
 @user_errors
 def quickstart_cmd(out, model_dir, epochs, no_progress):
     """Build a tiny model, train surgical LoRA on bundled data, compare answers."""
     from .quickstart import run_quickstart
 
-    result = run_quickstart(out, model_dir, epochs=epochs, progress=not no_progress)
-    run = result.run
-    click.echo(f"\ntraining loss {run.first_loss:.3f} at the first update -> {result.last_epoch_loss:.3f} "
-               f"over the last epoch ({result.last_epoch_loss / run.first_loss:.0%})"
-               + (f", validation loss {run.final_val_loss:.3f}" if run.final_val_loss is not None else ""))
-    click.echo(f"\nheld-out prompt:\n  {result.prompt}")
-    click.echo(f"\nbase model:\n  {result.base_answer!r}")
-    click.echo(f"\nbase + adapter:\n  {result.adapted_answer!r}")
-    click.echo(f"\nwrote {run.run_dir}/:")
-    for path in sorted(run.run_dir.iterdir()):
-        click.echo(f"  {path.name}{'/' if path.is_dir() else ''}")
-    click.echo("\nuse it:")
-    click.echo(f"  mlx-surgical generate --model {model_dir} --adapter {run.run_dir} \"Write a Python function "
-               "`square` that returns a number squared.\"")
-    click.echo(f"  mlx_lm.generate --model {model_dir} --adapter-path {run.run_dir} --prompt \"...\"")
-    click.echo(f"  mlx-surgical export {run.run_dir} --format peft")
+    result = run_quickstart(out, model_dir, epochs=epochs, progress="lines" if no_progress else "auto")
+    click.echo("\n".join(result.report_lines()))
 
 
 @cli.command("tiny-model")
@@ -95,26 +91,25 @@ def _load_config_arg(config: str):
 @cli.command("train")
 @click.argument("config", required=False)
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), help="Continue the run in this directory.")
-@click.option("--no-progress", is_flag=True, help="No progress bar.")
+@click.option("--no-progress", is_flag=True, help=NO_PROGRESS_HELP)
 @user_errors
 def train_cmd(config, resume_dir, no_progress):
     """Train a LoRA adapter from a JSON config (or resume a run)."""
-    from .errors import TrainingInterrupted
+    from .console import counted
     from .pipeline import resume_run, train_run
 
     if (config is None) == (resume_dir is None):
         raise UserError("give a CONFIG to start a run, or --resume RUN_DIR to continue one")
-    try:
-        if resume_dir:
-            result = resume_run(Path(resume_dir), progress=not no_progress)
-        else:
-            run_config, name = _load_config_arg(config)
-            result = train_run(run_config, config_name=name, progress=not no_progress)
-    except TrainingInterrupted as e:
-        click.echo(f"{e}; checkpoint saved. Continue with: mlx-surgical train --resume <run dir>", err=True)
-        sys.exit(130)
+    progress = "lines" if no_progress else "auto"
+    if resume_dir:
+        result = resume_run(Path(resume_dir), progress=progress)
+    else:
+        run_config, name = _load_config_arg(config)
+        result = train_run(run_config, config_name=name, progress=progress)
+    if result.rank != 0:  # under mlx.launch rank 0 reports for all
+        return
     losses = f", loss {result.first_loss:.4f} -> {result.final_loss:.4f}" if result.final_loss is not None else ""
-    click.echo(f"{result.status}: {result.updates} updates{losses}"
+    click.echo(f"{result.status}: {counted(result.updates, 'update')}{losses}"
                + (f", best validation loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""))
     click.echo(f"adapter: {result.run_dir}")
 
@@ -158,12 +153,12 @@ def generate_cmd(model_path, adapter_dir, max_tokens, compare, prompt):
     if compare:
         if adapter_dir is None:
             raise UserError("generate --compare needs --adapter")
-        base = load_for_generation(model_path)
-        adapted = load_for_generation(model_path, adapter_dir)
+        base = load_for_generation(model_path, progress=True)
+        adapted = load_for_generation(model_path, adapter_dir, progress=True)
         click.echo("=== base ===\n" + answer(base, prompt_format_for(base), prompt, max_tokens))
         click.echo("=== adapted ===\n" + answer(adapted, prompt_format_for(adapted, adapter_dir), prompt, max_tokens))
         return
-    loaded = load_for_generation(model_path, adapter_dir)
+    loaded = load_for_generation(model_path, adapter_dir, progress=True)
     for piece in stream_answer(loaded, prompt_format_for(loaded, adapter_dir), prompt, max_tokens):
         click.echo(piece, nl=False)
     click.echo()
@@ -198,8 +193,9 @@ def plan_cmd(config, other, as_json, no_probe, ranks):
 @click.option("--bits", type=click.Choice(["4", "8", "none"]), default="4", show_default=True,
               help="Quantization bits; none keeps --dtype weights.")
 @click.option("--group-size", type=int, default=64, show_default=True)
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default="float16", show_default=True,
-              help="dtype of the unquantized parts (float32 trains fastest on a Linux CPU).")
+@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
+              help="dtype of the unquantized parts [default: float32 where MLX runs on the CPU, which trains "
+                   "fastest there; float16 on Metal].")
 @click.option("--revision", default=None, help="Hub revision when SOURCE is a repo id.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @user_errors
@@ -325,8 +321,7 @@ def serve_cmd(host, port, token, workspace, allow_remote, allow_hosts, max_body_
 @user_errors
 def doctor_cmd():
     """Report OS, MLX backend and device, BLAS, measured GFLOP/s and memory."""
-    from .backend import INSTALL_HINT, cpu_description, describe, find_openblas, measure_sgemm_gflops
-    from .plan import machine_memory_gb
+    from .backend import blas_warning, cpu_description, describe, machine_memory_gb, measure_sgemm_gflops
     from .tuning import ComputePath, cached_choices, describe_rates
 
     facts = describe()
@@ -337,13 +332,9 @@ def doctor_cmd():
     click.echo(f"sgemm    {gflops:.1f} GFLOP/s (float32 512x512)")
     memory = machine_memory_gb()
     click.echo(f"memory   {memory:.1f} GB" if memory else "memory   unknown")
-    if facts["backend"] == "cpu" and "reference" in facts["blas"]:
-        if find_openblas() is None:
-            click.echo(f"advice   training is slow with the reference BLAS: {INSTALL_HINT}; "
-                       "mlx-surgical then preloads it by itself")
-        else:
-            click.echo("advice   OpenBLAS is installed but not in use: unset MLX_SURGICAL_FAST_BLAS=0 "
-                       "or run through the mlx-surgical command")
+    advice = blas_warning()
+    if advice:
+        click.echo(f"advice   {advice}")
     elif gflops < 10:
         click.echo("advice   matrix multiply is slow on this machine; expect long runs")
     choices = [c for c in cached_choices().values() if c.get("cpu") == cpu_description()]

@@ -32,8 +32,8 @@ class ModelConfig:
                        "(the output of `mlx-surgical convert`).")
     revision: Optional[str] = option(None, "Hub revision (branch, tag or commit) when path is a repo id.")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = option(
-        "auto", "Cast the unquantized base weights to this dtype; auto keeps the stored dtype. "
-        "On Linux CPU only float32 reaches the optimized BLAS.")
+        "auto", "Train with the unquantized base weights in this dtype. auto: float32 where MLX runs on the "
+        "CPU (the only dtype its matmuls run fast in; float16 is about 30x slower), the stored dtype on Metal.")
 
 
 @dataclass
@@ -200,9 +200,15 @@ def config_from_dict(raw: Any, source: str = "config") -> RunConfig:
 
 def per_rank_batch(training: TrainingConfig, ranks: int, where: str = "training.batch_size") -> int:
     """The examples each of `ranks` data-parallel ranks takes from every global batch."""
-    if ranks < 1 or training.batch_size % ranks:
+    if ranks < 1:
+        raise UserError(f"{where}: the number of ranks must be at least 1")
+    if training.batch_size % ranks:
+        batch = ranks * -(-training.batch_size // ranks)
+        per_update = training.batch_size * training.grad_accumulation_steps
+        same = (f" and training.grad_accumulation_steps to {per_update // batch}, which keeps {per_update} examples "
+                "per update" if per_update % batch == 0 else "")
         raise UserError(f"{where}: the global batch of {training.batch_size} does not split evenly over {ranks} "
-                        f"ranks; use a multiple of {ranks} for training.batch_size")
+                        f"ranks (each takes batch_size / {ranks} examples); set training.batch_size to {batch}{same}")
     return training.batch_size // ranks
 
 

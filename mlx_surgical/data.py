@@ -16,10 +16,19 @@ from typing import Optional
 
 import numpy as np
 
-from .errors import UserError, parse_user_json, read_user_text
+from .errors import UserError, not_utf8, parse_user_json, read_user_bytes, read_user_text
 
 SAMPLE_SPLITS = ("train", "valid", "test")
 ROLES = ("system", "user", "assistant")
+MAX_PROBLEMS = 20  # bad examples listed by name; beyond that, how many more
+
+
+def raise_problems(problems: list[str]) -> None:
+    """Every bad example at once (up to MAX_PROBLEMS), so a file is fixed in one pass."""
+    if problems:
+        more = len(problems) - MAX_PROBLEMS
+        raise UserError(*problems[:MAX_PROBLEMS],
+                        f"... and {more} more problem{'s' if more > 1 else ''} of the same kind" if more > 0 else "")
 
 
 def sample_path(split: str) -> Path:
@@ -43,28 +52,49 @@ class Record:
 
 
 def read_records(path: str | Path) -> list[Record]:
-    """Read a .jsonl (one object a line) or .json (a list of objects) file."""
+    """Read a .jsonl (one object a line) or .json (a list of objects) file. Every line that is
+    not UTF-8 or not JSON is reported, not only the first."""
     path = Path(path)
-    text = read_user_text(path, "data", "; check data.train / data.valid in the config")
+    hint = "; check data.train / data.valid in the config"
     if path.suffix == ".json":
-        rows = parse_user_json(text, path)
+        rows = parse_user_json(read_user_text(path, "data", hint), path)
         if not isinstance(rows, list):
             raise UserError(f"{path}: a .json data file must hold a list of examples")
         return [Record(row, f"{path}[{i}]") for i, row in enumerate(rows)]
-    records = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    records, problems = [], []
+    data = read_user_bytes(path, "data", hint).removeprefix(b"\xef\xbb\xbf")  # a BOM some editors write
+    for lineno, raw in enumerate(data.split(b"\n"), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            problems.append(not_utf8(f"{path}:{lineno}", e))
+            continue
         if not line.strip():
             continue
         try:
             records.append(Record(json.loads(line), f"{path}:{lineno}"))
         except json.JSONDecodeError as e:
-            raise UserError(f"{path}:{lineno}: malformed JSON line ({e.msg} at column {e.colno}); "
-                            "each line must be one JSON object") from None
+            problems.append(f"{path}:{lineno}: malformed JSON line ({e.msg} at column {e.colno}); "
+                            "each line must be one JSON object")
+    raise_problems(problems)
     return records
 
 
 def inline_records(rows: list, where: str) -> list[Record]:
     return [Record(row, f"{where}[{i}]") for i, row in enumerate(rows)]
+
+
+def example_format(fields) -> Optional[str]:
+    """Which accepted shape an example has, by its keys (None when it has none of them)."""
+    if not isinstance(fields, dict):
+        return None
+    if "messages" in fields:
+        return "messages"
+    if "instruction" in fields:
+        return "instruction/input/output" if "output" in fields else "instruction/response"
+    if "prompt" in fields:
+        return "prompt/completion"
+    return "text" if "text" in fields else None
 
 
 def to_messages(record: Record) -> tuple[list[dict], bool]:
@@ -108,9 +138,24 @@ def to_messages(record: Record) -> tuple[list[dict], bool]:
 
 
 def check_records(records: list[Record], where: str) -> list[list[dict]]:
+    """Every example's messages; raises listing every bad example, including one whose shape
+    differs from the first example's (a file mixing shapes is almost always a mistake)."""
     if not records:
         raise UserError(f"{where}: no examples; add at least one instruction/response pair")
-    return [to_messages(r)[0] for r in records]
+    messages, problems = [], []
+    first = next((r for r in records if example_format(r.fields)), None)
+    for record in records:
+        try:
+            messages.append(to_messages(record)[0])
+        except UserError as e:
+            problems += e.problems
+            continue
+        shape = example_format(record.fields)
+        if first is not None and shape != example_format(first.fields):
+            problems.append(f"{record.origin}: a {shape} example among {example_format(first.fields)} examples "
+                            f"(as at {first.origin}); use one format per file")
+    raise_problems(problems)
+    return messages
 
 
 class PromptFormat:
@@ -194,7 +239,7 @@ class EncodedData:
 
 def encode_records(records: list[Record], fmt: PromptFormat, max_seq_length: int,
                    overlength: str, mask_prompt: bool) -> EncodedData:
-    samples, truncated, skipped = [], [], []
+    samples, truncated, skipped, problems = [], [], [], []
     for record in records:
         messages, has_answer = to_messages(record)
         ids, loss_start = fmt.example_ids(messages, has_answer)
@@ -202,8 +247,9 @@ def encode_records(records: list[Record], fmt: PromptFormat, max_seq_length: int
             loss_start = 1
         if len(ids) > max_seq_length:
             if overlength == "error":
-                raise UserError(f"{record.origin}: example is {len(ids)} tokens, longer than training.max_seq_length "
+                problems.append(f"{record.origin}: example is {len(ids)} tokens, longer than training.max_seq_length "
                                 f"({max_seq_length}); raise max_seq_length or set data.overlength to truncate or skip")
+                continue
             # A response cut to nothing would train the model to answer with nothing.
             if overlength == "skip" or loss_start >= max_seq_length - 1:
                 skipped.append(record.origin)
@@ -211,6 +257,7 @@ def encode_records(records: list[Record], fmt: PromptFormat, max_seq_length: int
             ids = ids[:max_seq_length]
             truncated.append(record.origin)
         samples.append(Sample(np.asarray(ids, np.int32), loss_start, record.origin))
+    raise_problems(problems)
     return EncodedData(samples, truncated, skipped)
 
 

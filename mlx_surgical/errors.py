@@ -31,13 +31,32 @@ class TrainingInterrupted(Exception):
     """Ctrl-C or a stop request: the callbacks have written a checkpoint, then this is raised."""
 
 
-def read_user_text(path: Path, what: str, hint: str = "") -> str:
+def read_user_bytes(path: Path, what: str, hint: str = "") -> bytes:
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_bytes()
     except FileNotFoundError:
         raise UserError(f"{path}: {what} file not found{hint}") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
         raise UserError(f"{path}: cannot read {what} file: {e}") from None
+
+
+def not_utf8(where: str, error: UnicodeDecodeError) -> str:
+    return (f"{where}: not valid UTF-8 (byte 0x{error.object[error.start]:02x} at column {error.start + 1}); "
+            "save the file as UTF-8")
+
+
+def read_user_text(path: Path, what: str, hint: str = "") -> str:
+    """A UTF-8 text file; invalid bytes are reported with their line."""
+    data = read_user_bytes(path, what, hint)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line_start = data.rfind(b"\n", 0, e.start) + 1
+        line_end = data.find(b"\n", e.start)
+        line = data[line_start:line_end if line_end >= 0 else len(data)]
+        bad = UnicodeDecodeError(e.encoding, line, e.start - line_start, e.end - line_start, e.reason)
+        lineno = data.count(b"\n", 0, e.start) + 1
+        raise UserError(not_utf8(f"{path}:{lineno}", bad)) from None
 
 
 def parse_user_json(text: str, path: Path) -> Any:

@@ -2,17 +2,47 @@
 built under a temporary name beside its destination and renamed into place when complete.
 Also the JSON-lines files (metrics, job events) and file checksums.
 
+Staged files and directories get the permissions of any other new file (0644 and 0755 under
+the usual umask 022), whatever the writer did: tempfile's mkstemp/mkdtemp and safetensors
+make them private (0600, 0700), which keeps adapters and exports from Ollama's service user,
+a shared folder or another account.
+
 Nothing here imports MLX, so the registry, the job store and the server can use it freely.
 """
 
 import hashlib
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+
+def _staging_name(out: Path, suffix: str) -> Path:
+    """A hidden name beside `out` that no other writer picks (64 random bits)."""
+    return out.parent / f".{out.name}.{secrets.token_hex(8)}{suffix}"
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _share_like_new_files(path: Path) -> None:
+    """Give `path` (and a directory's contents) the modes a new file and folder get."""
+    umask = current_umask()
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 @contextmanager
@@ -21,13 +51,14 @@ def staged_file(out: str | Path, suffix: str = "") -> Iterator[Path]:
     `suffix` keeps an extension for writers that insist on one (mx.save_safetensors)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=f".tmp{suffix}", dir=out.parent)
-    os.close(fd)
+    name = _staging_name(out, f".tmp{suffix}")
+    os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))  # O_EXCL: a name nobody else holds
     try:
-        yield Path(name)
+        yield name
+        _share_like_new_files(name)
         os.replace(name, out)
     finally:
-        Path(name).unlink(missing_ok=True)
+        name.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -38,11 +69,12 @@ def staged_directory(out: str | Path, create: bool = True) -> Iterator[Path]:
     directory (mlx-lm's converter)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    if not create:
-        staging.rmdir()
+    staging = _staging_name(out, "")
+    if create:
+        staging.mkdir()
     try:
         yield staging
+        _share_like_new_files(staging)
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         os.rename(staging, out)

@@ -7,13 +7,16 @@ from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
 from .adapter import AdapterConfig
+from .console import working
 from .data import PromptFormat
 from .model import LoadedModel, load_model
 from .surgery import apply_adapter
 
 
-def load_for_generation(model_path: str, adapter_dir: Optional[str | Path] = None) -> LoadedModel:
-    loaded = load_model(model_path)
+def load_for_generation(model_path: str, adapter_dir: Optional[str | Path] = None,
+                        progress: bool = False) -> LoadedModel:
+    with working(f"loading {model_path}", progress):
+        loaded = load_model(model_path)
     if adapter_dir is not None:
         apply_adapter(loaded.model, adapter_dir, loaded.shape, model_path)
     return loaded

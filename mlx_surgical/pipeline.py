@@ -8,6 +8,7 @@ import hashlib
 import json
 import platform
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -20,15 +21,16 @@ import mlx_lm
 
 from . import __version__
 from .adapter import AdapterConfig, PromptRecord, write_adapter
-from .backend import keep_freed_memory
-from .callbacks import Checkpointer, ConsoleProgress, MetricsFile, plot_losses
+from .backend import keep_freed_memory, slow_path_warnings, training_dtype
+from .callbacks import Checkpointer, ConsoleProgress, MetricsFile, ProgressStyle, plot_losses
 from .checkpoint import TrainState, latest_checkpoint, load_checkpoint
 from .config import RunConfig, config_from_dict, per_rank_batch, save_config
+from .console import counted, resume_command, working
 from .data import BatchStream, EncodedData, PromptFormat, encode_records, eval_batches, split_records
 from .errors import TrainingDiverged, TrainingInterrupted, UserError
 from .files import write_text_atomic
 from .loss import training_loss
-from .model import is_local, load_model, load_tokenizer
+from .model import is_local, load_model, load_tokenizer, model_shape
 from .rundir import BaseModelInfo, BestInfo, DataInfo, FinalInfo, RunDir, RunInfo, now
 from .surgery import adapter_weights, attach_lora
 from .train import (LoopSettings, evaluate, learning_rate_schedule, make_optimizer, schedule_for, train)
@@ -47,6 +49,10 @@ class RunResult:
     final_loss: Optional[float]
     final_val_loss: Optional[float]
     best_val_loss: Optional[float]
+    rank: int = 0  # under mlx.launch only rank 0 reports
+
+
+FINISHED = ("succeeded", "stopped_early")
 
 
 def versions() -> dict:
@@ -76,12 +82,14 @@ def encode_split(config: RunConfig, fmt: PromptFormat, split: str) -> EncodedDat
 
 class StopFlag:
     """Set by SIGINT/SIGTERM (or a caller) and polled by the loop after each update, so a stop
-    always lands on a clean update boundary. A second Ctrl-C stops at once. `also` is a further
-    reason to stop, polled with the flag."""
+    always lands on a clean update boundary; the first Ctrl-C says so at once, since an update
+    can take many seconds. A second Ctrl-C stops at once. `also` is a further reason to stop,
+    polled with the flag."""
 
-    def __init__(self, also: Optional[Callable[[], bool]] = None):
+    def __init__(self, also: Optional[Callable[[], bool]] = None, announce: bool = True):
         self.requested = False
         self.also = also
+        self.announce = announce
 
     def __call__(self) -> bool:
         return self.requested or (self.also is not None and self.also())
@@ -95,6 +103,10 @@ class StopFlag:
             if self.requested and signum == signal.SIGINT:
                 raise KeyboardInterrupt
             self.requested = True
+            if self.announce:
+                sys.stderr.write("\nstopping after this update, saving a checkpoint"
+                                 + (" (press again to abort)\n" if signum == signal.SIGINT else "\n"))
+                sys.stderr.flush()
 
         for s in previous:
             signal.signal(s, handler)
@@ -102,10 +114,12 @@ class StopFlag:
 
 
 def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[Path] = None,
-              progress: bool = True, log: Callable[[str], None] = print, callbacks: tuple = (),
-              stop_flag: Optional[StopFlag] = None) -> RunResult:
+              progress: ProgressStyle | bool = "auto", log: Callable[[str], None] = print, callbacks: tuple = (),
+              stop_flag: Optional[StopFlag] = None, speed_warnings: bool = True) -> RunResult:
     """Train (or resume) one run and write its directory. Raises UserError for bad input,
-    TrainingDiverged for a NaN loss and TrainingInterrupted after a checkpointed stop.
+    TrainingDiverged for a NaN loss and TrainingInterrupted after a checkpointed stop (or an
+    abort), its message saying how to continue. `progress` is a ConsoleProgress style; with
+    speed_warnings, a slow path this machine could avoid is named before anything loads.
 
     Under `mlx.launch` every rank runs this function: each trains on its share of every global
     batch, and only rank 0 writes files and reports (the run directory must be reachable
@@ -115,7 +129,7 @@ def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[
     ranks, primary = world.size(), world.rank() == 0
     per_rank = per_rank_batch(config.training, ranks)
     if not primary:
-        log, progress, callbacks = (lambda _: None), False, ()
+        log, progress, callbacks = (lambda _: None), "off", ()
 
     def from_rank0(value: int) -> int:
         """Rank 0's value on every rank, so all agree on the run's name and whether it is taken."""
@@ -128,11 +142,23 @@ def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[
         run_dir = new_run_dir(config, config_name, started)
         if from_rank0(int(run_dir.exists() and any(run_dir.iterdir()))):
             raise UserError(f"output.name: run directory {run_dir} already exists; resume it with "
-                            f"`mlx-surgical train --resume {run_dir}` or choose another output.name")
+                            f"`{resume_command(run_dir)}` or choose another output.name")
     run = RunDir(run_dir)
     info = RunInfo.load(run_dir) if resume_dir else RunInfo(name=run_dir.name)
+    if resume_dir and info.status in FINISHED:
+        raise UserError(f"{run_dir}: this run already finished ({info.status.replace('_', ' ')} at update "
+                        f"{info.update}); there is nothing to resume. To train longer, start a new run "
+                        "with more training.epochs or training.iters")
 
-    loaded = load_model(config.model.path, config.model.revision, config.model.dtype)
+    if speed_warnings:
+        for warning in slow_path_warnings(config, model_shape(config.model.path, config.model.revision,
+                                                              download=True)):
+            log(f"warning: {warning}")
+    dtype = training_dtype(config.model.dtype)
+    if dtype != config.model.dtype:
+        log(f"model.dtype auto: training in {dtype}, the fast dtype on MLX's CPU backend")
+    with working(f"loading {config.model.path}", enabled=progress not in (False, "off")):
+        loaded = load_model(config.model.path, config.model.revision, dtype)
     fmt = PromptFormat(loaded.tokenizer, config.data.prompt_format, config.data.system_prompt)
     train_data, valid_data = encode_split(config, fmt, "train"), encode_split(config, fmt, "valid")
     for line in train_data.report_lines("train") + valid_data.report_lines("valid"):
@@ -182,10 +208,11 @@ def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[
     info.timings.load_seconds = round(time.perf_counter() - t_start, 2)
     write_info = (lambda: info.save(run_dir)) if primary else (lambda: None)
     write_info()
-    log(f"run {run_dir}: {trainable:,} trainable parameters, {len(train_data.samples)} examples, "
-        f"{schedule.updates} optimizer updates ({schedule.epochs:g} epochs x {schedule.micro_batches_per_epoch} "
-        f"micro-batches / {t.grad_accumulation_steps} accumulation steps)"
-        + (f"; {ranks} ranks, {per_rank} examples each per micro-batch" if ranks > 1 else ""))
+    log(f"run {run_dir}: {counted(trainable, 'trainable parameter')}, {counted(len(train_data.samples), 'example')}, "
+        f"{counted(schedule.updates, 'optimizer update')} ({counted(schedule.epochs, 'epoch')} x "
+        f"{counted(schedule.micro_batches_per_epoch, 'micro-batch', 'micro-batches')} / "
+        f"{counted(t.grad_accumulation_steps, 'accumulation step')})"
+        + (f"; {ranks} ranks, {counted(per_rank, 'example')} each per micro-batch" if ranks > 1 else ""))
 
     keep_freed_memory()
     choice = choose_path(loaded.model, loaded.shape, config.model.dtype, t.grad_checkpoint, t.cpu_math,
@@ -201,10 +228,10 @@ def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[
         return evaluate(loaded.model, loss_fn,
                         eval_batches(valid_data.samples, t.batch_size, t.max_seq_length))
 
-    console = ConsoleProgress(enabled=progress)
+    console = ConsoleProgress(progress)
     checkpointer = Checkpointer(run_dir, loaded.model, optimizer, adapter_cfg, t.save_every, t.keep_checkpoints)
     metrics = MetricsFile(run_dir)
-    stop_flag = stop_flag or StopFlag()
+    stop_flag = stop_flag or StopFlag(announce=primary)
     restore_signals = stop_flag.install()
     settings = LoopSettings(schedule.updates, t.grad_accumulation_steps, t.eval_every, t.patience, t.seed,
                             world if ranks > 1 else None)
@@ -216,9 +243,15 @@ def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[
                        validation_loss if valid_data.samples else None,
                        callbacks=(console, *writers, *callbacks), should_stop=stop_flag)
         status = "stopped_early" if result.stopped_early else "succeeded"
-    except TrainingInterrupted:
+    except TrainingInterrupted as e:
         status = "interrupted"
-        raise
+        raise TrainingInterrupted(f"{e}; checkpoint saved. Continue with: {resume_command(run_dir)}") from None
+    except KeyboardInterrupt:  # a second Ctrl-C: abort mid-update, back to the last checkpoint
+        status = "interrupted"
+        raise TrainingInterrupted(
+            f"aborted during update {state.update + 1}; " +
+            (f"continue from the last checkpoint with: {resume_command(run_dir)}" if latest_checkpoint(run_dir)
+             else "no checkpoint was saved yet")) from None
     except TrainingDiverged as e:
         info.error = str(e)
         raise
@@ -244,7 +277,7 @@ def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[
         info.checksums = run.checksums()
     write_info()
     return RunResult(run_dir, status, state.update, trainable, info.first_loss, final_loss,
-                     result.final_val_loss, state.best_val_loss)
+                     result.final_val_loss, state.best_val_loss, world.rank())
 
 
 def _truncate_metrics(run: RunDir, update: int) -> list[dict]:
@@ -285,15 +318,15 @@ def validate_run(config: RunConfig) -> list[str]:
                 encoded[split] = encode_records(records, fmt, config.training.max_seq_length,
                                                 config.data.overlength, config.data.mask_prompt)
                 notes += encoded[split].report_lines(split)
-            notes.append(f"{split}: {len(records)} examples")
+            notes.append(f"{split}: {counted(len(records), 'example')}")
         except UserError as e:
             problems += e.problems
     if "train" in encoded:
         if not encoded["train"].samples:
             problems.append("training data: no example is left after length checks; raise training.max_seq_length")
         else:
-            notes.append(f"schedule: {schedule_for(len(encoded['train'].samples), config.training).updates} "
-                         "optimizer updates")
+            updates = schedule_for(len(encoded["train"].samples), config.training).updates
+            notes.append(f"schedule: {counted(updates, 'optimizer update')}")
     if problems:
         raise UserError(*problems)
     return notes

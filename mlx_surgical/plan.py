@@ -8,13 +8,15 @@ are the run's numbers.
 """
 
 import copy
-import os
+import sys
 import tempfile
 from dataclasses import replace
-from typing import Optional
+from typing import Callable, Optional
 
 from .adapter import adapted_layer_count
+from .backend import machine_memory_gb, slow_path_warnings, training_dtype
 from .config import LoraConfig, RunConfig, TrainingConfig, per_rank_batch
+from .console import counted, working
 from .data import PromptFormat, encode_records, padded_length, split_records
 from .errors import UserError
 from .forward import on_cpu_backend
@@ -119,13 +121,6 @@ def memory_estimate(shape: ModelShape, lora_params: int, training: TrainingConfi
     }
 
 
-def machine_memory_gb() -> Optional[float]:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GB
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
 def count_examples(config: RunConfig) -> tuple[int, Optional[int], Optional[int], str]:
     """(examples, tokens, longest example, how they were counted): token counts only when the
     tokenizer is local."""
@@ -139,20 +134,34 @@ def count_examples(config: RunConfig) -> tuple[int, Optional[int], Optional[int]
     return len(records), None, None, "counted; the tokenizer is not local, so lengths are unchecked"
 
 
-def plan_run(config: RunConfig, probe: bool = True, ranks: int = 1) -> dict:
-    """The plan for `config`; with ranks > 1, for data-parallel training under mlx.launch."""
+PROBE_UPDATES = 4  # the first pays for compilation and is not counted
+
+
+def _stderr(line: str) -> None:
+    sys.stderr.write(line + "\n")
+
+
+def plan_run(config: RunConfig, probe: bool = True, ranks: int = 1, log: Callable[[str], None] = _stderr,
+             progress: bool = True) -> dict:
+    """The plan for `config`; with ranks > 1, for data-parallel training under mlx.launch. A
+    slow path this machine could avoid is logged before the timing probe (and listed under
+    "warnings"); with progress, the probe shows that it is running."""
     t = config.training
     per_rank = per_rank_batch(t, ranks, "--ranks")
     shape, shape_source = resolve_shape(config)
     lora_params = lora_parameter_count(shape, config.lora)
-    examples, tokens, longest, counted = count_examples(config)
+    examples, tokens, longest, how_counted = count_examples(config)
     schedule = schedule_for(examples, config.training)
-    dtype_bytes = 4 if config.model.dtype == "float32" else 2
+    dtype_bytes = 4 if training_dtype(config.model.dtype) == "float32" else 2
     # Padding rounds a batch up to a bucket (data.bucket).
     seq_len = padded_length(longest, config.training.max_seq_length) if longest else None
     # Memory is per rank: each holds the whole model and its share of the batch.
     memory = memory_estimate(shape, lora_params, replace(t, batch_size=per_rank), dtype_bytes, seq_len)
     memory["machine_gb"] = machine_memory_gb()
+    memory["fits"] = memory["machine_gb"] is None or memory["total_gb"] <= memory["machine_gb"]
+    warnings = slow_path_warnings(config, shape)
+    for warning in warnings:
+        log(f"warning: {warning}")
     plan = {
         "model": {"path": config.model.path, "shape": shape.describe(), "from": shape_source,
                   "parameters": shape.parameter_count},
@@ -166,30 +175,46 @@ def plan_run(config: RunConfig, probe: bool = True, ranks: int = 1) -> dict:
         "batch": {"global": t.batch_size, "ranks": ranks, "per_rank": per_rank,
                   "accumulation_steps": t.grad_accumulation_steps,
                   "examples_per_update": t.batch_size * t.grad_accumulation_steps},
-        "schedule": {**schedule.to_dict(), "examples_counted": counted, "train_tokens": tokens,
+        "schedule": {**schedule.to_dict(), "examples_counted": how_counted, "train_tokens": tokens,
                      "warmup_share": schedule.warmup_updates / schedule.updates if schedule.updates else 0.0},
-        "time": {"seconds_per_update": None, "total_seconds": None,
-                 "note": "unknown: the model is not local, so no probe was run"},
+        "time": {"seconds_per_update": None, "total_seconds": None, "note": ""},
+        "warnings": warnings,
     }
-    if probe and is_local(config.model.path) and tokens:
-        seconds = probe_seconds_per_update(config)
+    if not is_local(config.model.path) or not tokens:
+        plan["time"]["note"] = "unknown: the model is not local, so no probe was run"
+    elif not probe:
+        plan["time"]["note"] = "not measured: the timing probe was skipped (--no-probe)"
+    elif not memory["fits"]:
+        plan["time"]["note"] = "not measured: the run does not fit this machine's memory"
+    else:
+        with working(f"timing {counted(PROBE_UPDATES, 'update')} on this machine", progress):
+            seconds = probe_seconds_per_update(config)
         plan["time"] = {"seconds_per_update": seconds, "total_seconds": seconds * schedule.updates,
                         "note": "measured by a short probe on this machine"}
     return plan
 
 
-def probe_seconds_per_update(config: RunConfig, updates: int = 3) -> float:
+def probe_seconds_per_update(config: RunConfig) -> float:
     """Time a few real updates (after one warm-up update that pays for compilation) in a
     throwaway run directory."""
     probe = copy.deepcopy(config)
-    probe.training.epochs, probe.training.iters = None, updates + 1
+    probe.training.epochs, probe.training.iters = None, PROBE_UPDATES
     probe.training.save_every = probe.training.eval_every = 10 ** 9
     probe.data.valid, probe.data.valid_examples = None, None
     with tempfile.TemporaryDirectory() as tmp:
         probe.output.dir, probe.output.name = tmp, "probe"
-        result = train_run(probe, progress=False, log=lambda _: None)
+        result = train_run(probe, progress=False, log=lambda _: None, speed_warnings=False)
         rows = RunDir(result.run_dir).metric_rows()[1:]
     return sum(r["seconds"] for r in rows) / len(rows)
+
+
+def does_not_fit_advice(plan: dict) -> str:
+    """What would shrink a run that does not fit, of what the config does not do already."""
+    advice = [] if plan["memory"]["grad_checkpoint"] else ["turn on training.grad_checkpoint"]
+    advice.append("lower training.max_seq_length or training.batch_size")
+    if "-bit" not in plan["model"]["shape"]:
+        advice.append("use a 4-bit base (mlx-surgical convert)")
+    return "; ".join(advice)
 
 
 def format_plan(plan: dict, other: Optional[dict] = None, names: tuple[str, str] = ("", "")) -> str:
@@ -210,14 +235,16 @@ def format_plan(plan: dict, other: Optional[dict] = None, names: tuple[str, str]
             ("memory: LoRA + grads + AdamW", f"{(m['lora_weights_gb'] + m['gradients_gb'] + m['adamw_state_gb']):.3f} GB"),
             ("memory: activations", f"{m['activations_gb']:.2f} GB at {m['sequence_length']} tokens "
                                     f"({m['activations_checkpointed_gb']:.2f} GB with grad_checkpoint)"),
-            ("memory: total", f"{m['total_gb']:.2f} GB of {machine}"),
+            ("memory: total", f"{m['total_gb']:.2f} GB of {machine}" + ("" if m["fits"] else
+                                                                         f" (DOES NOT FIT: {does_not_fit_advice(p)})")),
             ("examples", f"{s['examples']} ({s['examples_counted']})"),
             ("batch", f"{p['batch']['global']} x {p['batch']['accumulation_steps']} accumulation = "
                       f"{p['batch']['examples_per_update']} examples per update"
                       + (f"; {p['batch']['per_rank']} per rank on {p['batch']['ranks']} ranks"
                          if p['batch']['ranks'] > 1 else "")),
-            ("schedule", f"{s['epochs']:g} epochs x {s['micro_batches_per_epoch']} micro-batches = "
-                         f"{s['micro_batches']} micro-batches"),
+            ("schedule", f"{counted(s['epochs'], 'epoch')} x "
+                         f"{counted(s['micro_batches_per_epoch'], 'micro-batch', 'micro-batches')} = "
+                         f"{counted(s['micro_batches'], 'micro-batch', 'micro-batches')}"),
             ("optimizer updates", f"{s['updates']} ({s['warmup_updates']} warmup, {100 * s['warmup_share']:.0f}%)"),
             ("time", f"{t['total_seconds'] / 60:.1f} min ({t['seconds_per_update']:.2f} s/update, {t['note']})"
                      if t["total_seconds"] is not None else t["note"]),

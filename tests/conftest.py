@@ -4,6 +4,7 @@
 The suite runs offline (HF_HUB_OFFLINE) and, on Linux, re-executes itself once with
 OpenBLAS preloaded exactly as the CLI does (see mlx_surgical/backend.py)."""
 
+import json
 import os
 import signal
 import socket
@@ -125,3 +126,28 @@ def start_server(tmp_path):
     yield start
     for server in servers:
         server.close()
+
+
+# A directory name a user may well have, with everything a shell treats specially.
+AWKWARD_NAME = """it's "my" $HOME `runs` \\ & more"""
+
+
+@pytest.fixture
+def pasted(tmp_path):
+    """Run a command line as a user who pastes it into bash would, with our programs replaced by
+    a stub that prints what it received: returns [program, *arguments]."""
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    for program in ("mlx-surgical", "mlx_lm.generate"):
+        stub = stubs / program
+        stub.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                        "print(json.dumps([os.path.basename(sys.argv[0]), *sys.argv[1:]]))\n")
+        stub.chmod(0o755)
+
+    def run(line: str) -> list[str]:
+        result = subprocess.run(["bash", "-c", line], capture_output=True, text=True, timeout=30,
+                                env={"PATH": f"{stubs}:/usr/bin:/bin", "HOME": "/nonexistent"})
+        assert result.returncode == 0 and result.stdout.strip(), (line, result.stderr)
+        return json.loads(result.stdout)
+
+    return run

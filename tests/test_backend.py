@@ -37,3 +37,37 @@ def test_the_cli_preloads_openblas_and_the_opt_out_turns_it_off():
 @linux_with_openblas
 def test_this_test_session_runs_with_openblas_too():
     assert "openblas" in os.environ.get("LD_PRELOAD", "")
+
+
+def test_slow_paths_are_named_with_their_factor_and_fix(make_config):
+    from mlx_surgical.backend import slow_path_warnings, training_dtype
+    from mlx_surgical.forward import on_cpu_backend
+    from mlx_surgical.shape import ModelShape
+
+    config = make_config()
+    shape = ModelShape("llama", 64, 192, 2, 4, 2, 512, 16)
+    if not on_cpu_backend():
+        assert training_dtype("auto") == "auto" and slow_path_warnings(config, shape) == []
+        return
+    assert training_dtype("auto") == "float32"
+    assert slow_path_warnings(config, shape) == []  # float32, unquantized, OpenBLAS in this session
+    config.model.dtype = "bfloat16"
+    (half,) = slow_path_warnings(config, shape)
+    assert "about 30x slower than float32" in half and '"dtype": "float32"' in half
+    config.model.dtype = "float32"
+    (quantized,) = slow_path_warnings(config, ModelShape("llama", 64, 192, 2, 4, 2, 512, 16, quant_bits=4))
+    assert "4-bit" in quantized and "about 2x slower" in quantized and "--bits none --dtype float32" in quantized
+
+
+@linux_with_openblas
+def test_training_without_openblas_says_so_before_it_starts(make_config, tmp_path):
+    from mlx_surgical.config import save_config
+
+    path = tmp_path / "run.json"
+    save_config(make_config(), path)
+    clean = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", REEXECED)}
+    result = subprocess.run([sys.executable, "-m", "mlx_surgical", "plan", str(path), "--no-probe"],
+                            capture_output=True, text=True, env={**clean, "MLX_SURGICAL_FAST_BLAS": "0"}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith(f"warning: OpenBLAS is installed ({find_openblas()}) but not in use, so training "
+                                    "runs about 14x slower")

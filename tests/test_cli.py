@@ -1,14 +1,17 @@
-"""Entry points: the console script and `python -m mlx_surgical` are the same program."""
+"""Entry points: the console script and `python -m mlx_surgical` are the same program; what the
+commands print (problems, counts, commands to paste)."""
 
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from mlx_surgical import __version__
 from mlx_surgical.cli import cli
+from mlx_surgical.errors import UserError
 
 # The console script installed beside this interpreter (the venv's bin/ need not be on PATH).
 SCRIPT = shutil.which("mlx-surgical", path=str(Path(sys.executable).parent)) or "mlx-surgical"
@@ -56,4 +59,54 @@ def test_validate_checks_data_without_weights(tiny_model, tmp_path):
     data.write_text('{"instruction": "a", "response": "b"}\n')
     result = CliRunner().invoke(cli, ["validate", str(config)])
     assert result.exit_code == 0, result.output
-    assert "train: 1 examples" in result.output
+    assert "train: 1 example\n" in result.output and "schedule: 1 optimizer update\n" in result.output
+
+
+def test_every_suggested_command_pastes_into_bash(make_config, tmp_path, pasted):
+    """Each command we print, for paths with quotes, spaces, $, backticks and backslashes,
+    reaches the program with exactly the intended arguments."""
+    from conftest import AWKWARD_NAME
+
+    from mlx_surgical.backend import slow_path_warnings
+    from mlx_surgical.forward import on_cpu_backend
+    from mlx_surgical.errors import TrainingInterrupted
+    from mlx_surgical.pipeline import RunResult, StopFlag, train_run
+    from mlx_surgical.provenance import Provenance
+    from mlx_surgical.quickstart import TRY_PROMPT, QuickstartResult
+    from mlx_surgical.shape import ModelShape
+
+    config = make_config(iters=3)
+    config.output.dir = str(tmp_path / AWKWARD_NAME)
+    run_dir = Path(config.output.dir) / "run"
+    # Stopped (as by Ctrl-C) after its first update: the hint names the run.
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train_run(config, progress=False, log=lambda _: None, stop_flag=StopFlag(also=lambda: True))
+    assert pasted(str(stopped.value).split("Continue with: ")[1]) == ["mlx-surgical", "train", "--resume", str(run_dir)]
+    with pytest.raises(UserError) as taken:
+        train_run(config, progress=False, log=lambda _: None)
+    hint = str(taken.value).split("resume it with `")[1].rsplit("` or choose", 1)[0]
+    assert pasted(hint) == ["mlx-surgical", "train", "--resume", str(run_dir)]
+
+    # The quickstart's suggestions, as printed.
+    model_dir = tmp_path / AWKWARD_NAME / "models" / "tiny"
+    result = QuickstartResult(RunResult(run_dir, "succeeded", 3, 1, 2.0, 1.0, 1.0, 1.0), model_dir, "p", "a", "b",
+                              1.0, 1.0)
+    lines = result.report_lines()
+    commands = lines[lines.index("use it:") + 1:lines.index("use it:") + 4]
+    assert [pasted(line) for line in commands] == [
+        ["mlx-surgical", "generate", "--model", str(model_dir), "--adapter", str(run_dir), TRY_PROMPT],
+        ["mlx_lm.generate", "--model", str(model_dir), "--adapter-path", str(run_dir), "--prompt",
+         f"[INST] {TRY_PROMPT} [/INST]"],
+        ["mlx-surgical", "export", str(run_dir), "--format", "peft"]]
+
+    # The conversion a quantized base on the CPU is pointed to.
+    if on_cpu_backend():
+        source = tmp_path / AWKWARD_NAME / "hf model"
+        quantized = tmp_path / "quantized"
+        quantized.mkdir()
+        Provenance(source=str(source), local_source=str(source), bits=4).write(quantized)
+        config.model.path = str(quantized)
+        shape = ModelShape("llama", 64, 192, 2, 4, 2, 512, 16, quant_bits=4, quant_group_size=64)
+        (warning,) = [w for w in slow_path_warnings(config, shape) if "-bit" in w]
+        fix = warning.split("Fix: ")[1].rsplit(", and point", 1)[0]
+        assert pasted(fix) == ["mlx-surgical", "convert", str(source), "--bits", "none", "--dtype", "float32"]

@@ -79,3 +79,10 @@ def test_presets_ship_the_documented_recipes():
 def test_help_lists_every_setting_with_its_default():
     text = "\n".join(help_lines())
     assert "[training]" in text and "grad_accumulation_steps = 4" in text
+
+
+def test_a_config_that_is_not_utf8_names_the_line(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_bytes(b'{\n"description": "caf\xe9"\n}')
+    with pytest.raises(UserError, match=r"c.json:2: not valid UTF-8 \(byte 0xe9 at column 20\)"):
+        load_config(path)

@@ -11,8 +11,9 @@ from mlx_surgical.cli import cli
 from mlx_surgical.config import config_from_dict, preset_path
 from mlx_surgical.convert import convert_model
 from mlx_surgical.errors import UserError
+from mlx_surgical.forward import on_cpu_backend
 from mlx_surgical.model import load_model
-from mlx_surgical.plan import plan_run
+from mlx_surgical.plan import format_plan, plan_run
 
 IDS = mx.array([[1, 366, 480, 492, 511, 475, 469, 402, 268, 305, 366, 486, 480, 436, 290, 274]])
 
@@ -86,8 +87,14 @@ def test_plan_for_codellama_7b_before_download():
     memory = plan["memory"]
     assert 3.0 < memory["base_weights_gb"] < 4.5  # 4-bit CodeLlama-7B is about 3.8 GB
     assert memory["activations_checkpointed_gb"] < memory["activations_gb"]
-    float16 = plan_run(config_from_dict(inline_config("surgical", 116, "codellama/CodeLlama-7b-Instruct-hf")))
+    unquantized = inline_config("surgical", 116, "codellama/CodeLlama-7b-Instruct-hf")
+    auto = plan_run(config_from_dict(unquantized))
+    unquantized["model"]["dtype"] = "float16"
+    float16 = plan_run(config_from_dict(unquantized))
     assert 13.0 < float16["memory"]["base_weights_gb"] < 14.0  # 6.7B parameters x 2 bytes
+    # dtype auto trains in float32 on MLX's CPU backend, the stored float16 on Metal.
+    bytes_per_weight = 4 if on_cpu_backend() else 2
+    assert auto["memory"]["base_weights_gb"] == pytest.approx(float16["memory"]["base_weights_gb"] * bytes_per_weight / 2)
 
 
 def test_plan_shows_the_per_rank_share_of_the_global_batch():
@@ -125,3 +132,41 @@ def test_plan_on_a_local_model_matches_training(make_config):
     run = train_run(config, progress=False, log=lambda _: None)
     assert run.trainable_parameters == plan["trainable_parameters"]
     assert json.loads((run.run_dir / "run.json").read_text())["schedule"]["updates"] == plan["schedule"]["updates"]
+
+
+def test_convert_writes_what_trains_fastest_on_this_backend_and_says_so(tiny_model, tmp_path):
+    out = tmp_path / "q4"
+    result = CliRunner().invoke(cli, ["convert", str(tiny_model), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    dtype = "float32" if on_cpu_backend() else "float16"
+    assert json.loads((out / "provenance.json").read_text())["dtype"] == dtype
+    assert load_model(str(out)).model.model.norm.weight.dtype == getattr(mx, dtype)
+    assert ("writing the unquantized parts in float32" in result.output) == on_cpu_backend()
+
+
+def test_plan_says_why_there_is_no_time_and_when_a_run_does_not_fit(make_config):
+    config = make_config(iters=3)
+    assert plan_run(config, probe=False)["time"]["note"] == "not measured: the timing probe was skipped (--no-probe)"
+    config.training.batch_size = 10 ** 7  # activations far beyond any machine's memory
+    plan = plan_run(config)
+    assert plan["memory"]["fits"] is False and plan["time"]["seconds_per_update"] is None
+    assert plan["time"]["note"] == "not measured: the run does not fit this machine's memory"
+    assert "DOES NOT FIT" in format_plan(plan)
+
+
+def test_plan_on_two_ranks_with_a_batch_of_one_says_what_to_set():
+    with pytest.raises(UserError) as refused:
+        plan_run(config_from_dict(inline_config("surgical", 116)), ranks=2)
+    assert refused.value.problems == [
+        "--ranks: the global batch of 1 does not split evenly over 2 ranks (each takes batch_size / 2 examples); "
+        "set training.batch_size to 2 and training.grad_accumulation_steps to 2, which keeps 4 examples per update"]
+
+
+def test_plan_names_a_slow_path_before_the_probe():
+    raw = inline_config("surgical", 116, "codellama/CodeLlama-7b-Instruct-hf")
+    raw["model"]["dtype"] = "float16"
+    said = []
+    plan = plan_run(config_from_dict(raw), log=said.append)
+    if on_cpu_backend():
+        assert any("model.dtype is float16" in line and "30x" in line for line in said)
+    assert said == [f"warning: {w}" for w in plan["warnings"]]

@@ -119,3 +119,47 @@ def test_buckets_bound_padding_and_shapes():
     widths = [bucket(n) for n in range(1, 4097)]
     assert all(b >= n and b - n <= max(7, n / 16) for n, b in zip(range(1, 4097), widths))
     assert len(set(b for b in widths if 1024 < b <= 2048)) == 16
+
+
+def test_every_bad_line_is_listed_up_to_a_limit(tmp_path):
+    from mlx_surgical.data import MAX_PROBLEMS
+
+    path = tmp_path / "train.jsonl"
+    good = '{"instruction": "a", "response": "b"}'
+    path.write_bytes("\n".join([good, "{oops", good, '{"instruction": "a", "response": ', good]).encode()
+                     + b'\n{"instruction": "caf\xe9", "response": "b"}\n')
+    with pytest.raises(UserError) as bad:
+        read_records(path)
+    assert [p.split(": ")[0] for p in bad.value.problems] == [f"{path}:2", f"{path}:4", f"{path}:6"]
+    assert "malformed JSON line" in bad.value.problems[0]
+    assert "not valid UTF-8 (byte 0xe9 at column 21)" in bad.value.problems[2]
+
+    path.write_text("\n".join(["{"] * (MAX_PROBLEMS + 5)))
+    with pytest.raises(UserError) as many:
+        read_records(path)
+    assert len(many.value.problems) == MAX_PROBLEMS + 1
+    assert many.value.problems[-1] == "... and 5 more problems of the same kind"
+
+
+def test_every_bad_example_and_a_mixed_format_are_named(tmp_path):
+    from mlx_surgical.data import check_records
+
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in [
+        {"instruction": "a", "response": "b"}, {"instruction": "a"}, {"prompt": "q", "completion": "c"},
+        {"instruction": "a", "response": ""}, {"instruction": "a", "response": "b"}]))
+    with pytest.raises(UserError) as bad:
+        check_records(read_records(path), str(path))
+    assert bad.value.problems == [
+        f"{path}:2: field 'response' must be a non-empty string",
+        f"{path}:3: a prompt/completion example among instruction/response examples (as at {path}:1); "
+        "use one format per file",
+        f"{path}:4: field 'response' must be a non-empty string"]
+
+
+def test_every_overlong_example_is_named_when_overlength_is_error(tokenizer):
+    rows = inline_records([{"instruction": "short", "response": "word " * 200}, {"instruction": "a", "response": "b"},
+                           {"instruction": "long " * 200, "response": "x"}], "data.examples")
+    with pytest.raises(UserError) as bad:
+        encode_records(rows, PromptFormat(tokenizer), 64, "error", True)
+    assert [p.split(":")[0] for p in bad.value.problems] == ["data.examples[0]", "data.examples[2]"]

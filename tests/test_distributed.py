@@ -47,6 +47,7 @@ def test_two_ranks_train_exactly_what_one_process_trains(make_config, tmp_path):
     proc = launch(2, str(path))
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
+    assert out.count("succeeded: 6 updates") == out.count("adapter: ") == 1, out  # only rank 0 reports
     assert_same_adapter(single_dir, two_dir)
     info = json.loads((two_dir / "run.json").read_text())
     assert info["ranks"] == 2 and info["status"] == "succeeded"

@@ -180,3 +180,29 @@ def test_unknown_format_and_missing_adapter_are_refused(trained_run, tmp_path):
         export_adapter(trained_run, "onnx")
     with pytest.raises(UserError, match="not an adapter directory"):
         export_adapter(tmp_path, "peft", tmp_path / "x")
+
+
+def test_peft_export_of_a_converted_base_loads_with_auto_peft(tiny_model, tmp_path):
+    """The base trained on is an MLX conversion, which transformers cannot load: the export
+    names the Hugging Face model it was converted from, so AutoPeftModelForCausalLM finds it."""
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    from click.testing import CliRunner
+    from conftest import short_config
+
+    from mlx_surgical.cli import cli
+    from mlx_surgical.pipeline import train_run
+
+    converted = tmp_path / "tiny-mlx"
+    result = CliRunner().invoke(cli, ["convert", str(tiny_model), "--bits", "none", "--out", str(converted)])
+    assert result.exit_code == 0, result.output
+    run = train_run(short_config(converted, tmp_path / "adapters", iters=3, learning_rate=2e-2), progress=False,
+                    log=lambda _: None).run_dir
+    out = export_adapter(run, "peft", tmp_path / "peft")
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(Path(tiny_model).resolve())
+
+    model = peft.AutoPeftModelForCausalLM.from_pretrained(str(out), torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        peft_logits = model(torch.tensor([PROMPT_IDS])).logits.numpy()
+    np.testing.assert_allclose(peft_logits, adapted_logits(converted, run), atol=1e-4)

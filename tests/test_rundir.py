@@ -8,11 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from mlx_surgical.adapter import AdapterConfig, read_adapter
 from mlx_surgical.cli import cli
 from mlx_surgical.data import sample_path
+from mlx_surgical.errors import UserError
 from mlx_surgical.export import export_adapter
 from mlx_surgical.generate import answer, load_for_generation, prompt_format_for
 from mlx_surgical.pipeline import resume_run
@@ -125,6 +127,10 @@ def test_run_directory_from_the_previous_layout_still_loads(tiny_model, tmp_path
     run_config["model"]["path"] = str(tiny_model)
     run_config["data"].update(train=str(sample_path("train")), valid=str(sample_path("valid")))
     RunDir(run_dir).config.write_text(json.dumps(run_config))
+    with pytest.raises(UserError, match="this run already finished"):
+        resume_run(run_dir, progress=False, log=lambda _: None)
+    record = json.loads(RunDir(run_dir).info.read_text())
+    RunDir(run_dir).info.write_text(json.dumps({**record, "status": "interrupted"}))  # as if stopped at update 2
     resumed = resume_run(run_dir, progress=False, log=lambda _: None)
     assert resumed.status == "succeeded" and resumed.updates == 4
     assert resumed.first_loss == json.loads(RunDir(run_dir).metrics.read_text().splitlines()[0])["loss"]
@@ -135,3 +141,30 @@ def test_cli_shows_an_old_run(tmp_path):
     shutil.copytree(OLD_RUN, root / OLD_RUN.name)
     shown = CliRunner().invoke(cli, ["adapters", "--root", str(root), "show", OLD_RUN.name])
     assert shown.exit_code == 0 and json.loads(shown.output)["status"] == "succeeded"
+
+
+def test_run_files_and_exports_get_the_umasks_permissions(make_config, tmp_path):
+    import os
+    import stat
+
+    from mlx_surgical.files import staged_directory, write_text_atomic
+    from mlx_surgical.pipeline import train_run
+
+    def modes(root: Path) -> set[tuple[str, int]]:
+        paths = [root, *root.rglob("*")] if root.is_dir() else [root]
+        return {("dir" if p.is_dir() else "file", stat.S_IMODE(p.stat().st_mode)) for p in paths}
+
+    previous = os.umask(0o022)
+    try:
+        run_dir = train_run(make_config(iters=3), progress=False, log=lambda _: None).run_dir
+        exports = [export_adapter(run_dir, fmt, tmp_path / f"export-{fmt}") for fmt in ("mlx", "peft", "gguf")]
+        os.umask(0o027)
+        write_text_atomic(tmp_path / "group" / "note.txt", "x")
+        with staged_directory(tmp_path / "group" / "dir") as staging:
+            (staging / "f").write_text("x")
+    finally:
+        os.umask(previous)
+    assert (run_dir / "checkpoints").is_dir() and (run_dir / "best").is_dir()
+    for path in (run_dir, *exports):
+        assert modes(path) <= {("dir", 0o755), ("file", 0o644)}, path
+    assert modes(tmp_path / "group") == {("dir", 0o750), ("file", 0o640)}

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -18,10 +19,11 @@ from mlx_surgical.callbacks import Checkpointer
 from mlx_surgical.checkpoint import TrainState, latest_checkpoint
 from mlx_surgical.config import LoraConfig, TrainingConfig, save_config
 from mlx_surgical.data import Sample, collate
-from mlx_surgical.errors import TrainingDiverged
+from mlx_surgical.console import resume_command
+from mlx_surgical.errors import TrainingDiverged, TrainingInterrupted, UserError
 from mlx_surgical.loss import training_loss
 from mlx_surgical.model import load_model
-from mlx_surgical.pipeline import train_run
+from mlx_surgical.pipeline import resume_run, train_run
 from mlx_surgical.plan import lora_parameter_count
 from mlx_surgical.surgery import HashDropout, attach_lora
 from mlx_surgical.train import (LoopSettings, learning_rate_schedule, make_optimizer, schedule_for,
@@ -205,7 +207,8 @@ def test_killed_run_resumes_to_the_same_adapter(make_config, tmp_path, how):
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=120)
         assert proc.returncode == 130, out
-        assert "checkpoint saved" in out
+        assert "stopping after this update, saving a checkpoint (press again to abort)" in out
+        assert f"checkpoint saved. Continue with: {resume_command(cut_dir)}" in out and "Traceback" not in out
         assert json.loads((cut_dir / "run.json").read_text())["status"] == "interrupted"
     assert json.loads((cut_dir / "run.json").read_text())["status"] != "succeeded"
 
@@ -218,3 +221,40 @@ def test_killed_run_resumes_to_the_same_adapter(make_config, tmp_path, how):
         np.testing.assert_allclose(np.array(a[name]), np.array(b[name]), atol=1e-5)
     rows = [json.loads(line) for line in (cut_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["update"] for r in rows if "loss" in r] == list(range(1, 17))
+
+
+def test_a_second_ctrl_c_aborts_without_a_traceback(make_config, capsys):
+    class PressCtrlCTwice:
+        def on_update(self, report, state):
+            if report["update"] == 3:
+                os.kill(os.getpid(), signal.SIGINT)  # the handler runs before the next line
+                os.kill(os.getpid(), signal.SIGINT)
+
+    config = make_config(iters=10)
+    with pytest.raises(TrainingInterrupted) as aborted:
+        train_run(config, progress=False, log=lambda _: None, callbacks=(PressCtrlCTwice(),))
+    run_dir = Path(config.output.dir) / "run"
+    # update 3 is checkpointed (save_every 3) before the callback presses Ctrl-C
+    assert str(aborted.value) == f"aborted during update 4; continue from the last checkpoint with: " \
+                                 f"{resume_command(run_dir)}"
+    assert "stopping after this update, saving a checkpoint (press again to abort)" in capsys.readouterr().err
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_resuming_a_finished_run_says_it_is_finished(trained_run):
+    with pytest.raises(UserError, match=r"this run already finished \(succeeded at update 8\); there is nothing "
+                                        "to resume"):
+        resume_run(trained_run, progress=False, log=lambda _: None)
+
+
+def test_progress_without_a_terminal_is_a_line_every_5_percent(make_config, capsys):
+    train_run(make_config(iters=40, eval_every=20), log=lambda _: None)  # pytest's stderr is no terminal
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = err.splitlines()
+    assert lines[0].startswith("loading ") and lines[1].startswith("loading ") and lines[1].endswith(" s")
+    assert lines[2] == "training 40 optimizer updates"
+    updates = [int(line.split()[1].split("/")[0]) for line in lines if line.startswith("update ") and "/40:" in line]
+    assert updates == [1, *range(2, 41, 2)]
+    assert sum("validation loss" in line for line in lines) == 2
