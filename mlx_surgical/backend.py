@@ -38,13 +38,16 @@ OPENBLAS_CANDIDATES = (
 INSTALL_HINT = ("install OpenBLAS: `apt-get install libopenblas0-pthread` (Debian/Ubuntu), `dnf install openblas` "
                 "(Fedora/RHEL) or `conda install openblas`; mlx-surgical then preloads it by itself")
 
-# How much slower the slow paths train, as measured on 2-core Linux x86_64 machines (issue 18):
-# the quickstart at 16.9 s/update with the wheel's reference BLAS against 1.16 with OpenBLAS;
-# a 4-bit base with float16 unquantized parts at 8.14 s/update against 0.27 with float32 ones
-# (MLX's CPU backend has no fast float16 matmul), and 0.12 unquantized float32.
+# How much slower the slow paths train, as measured on 2-core Linux x86_64 machines: the
+# quickstart at 16.9 s/update with the wheel's reference BLAS against 1.16 with OpenBLAS, and a
+# 4-bit base with float16 unquantized parts at 8.14 s/update against 0.27 with float32 ones
+# (MLX's CPU backend has no fast float16 matmul) (issue 18). With dequantized matmuls
+# (tuning.py) the 6 x 256 quickstart model trained at 0.32 s/update 4-bit against 0.21 float32,
+# and MLX's own quantized_matmul took 3.6-14x as long per micro-batch as dequantizing.
 NO_OPENBLAS_SLOWDOWN = 14
 HALF_PRECISION_SLOWDOWN = 30
-QUANTIZED_SLOWDOWN = 2
+QUANTIZED_SLOWDOWN = 1.5
+NATIVE_QUANTIZED_SLOWDOWN = "4-14"
 
 CACHE_ENV = "MLX_SURGICAL_CACHE"
 # The instruction-set extensions that change which CPU kernels win.
@@ -201,6 +204,10 @@ def slow_path_warnings(config: "RunConfig", shape: "ModelShape") -> list[str]:
     if dtype in ("float16", "bfloat16"):
         warnings.append(f"model.dtype is {dtype}: on MLX's CPU backend that trains about {HALF_PRECISION_SLOWDOWN}x "
                         'slower than float32. Fix: "dtype": "float32" (or "auto") in the config\'s model section.')
+    if shape.quant_bits and config.training.cpu_quantized_matmul == "native":
+        warnings.append(f"training.cpu_quantized_matmul is native: on MLX's CPU backend its quantized_matmul "
+                        f"trains about {NATIVE_QUANTIZED_SLOWDOWN}x slower than dequantized matmuls. "
+                        'Fix: "cpu_quantized_matmul": "auto" in the config\'s training section.')
     memory = machine_memory_gb()
     float32_gb = 4 * shape.parameter_count / 1e9
     # Only where the user can switch: the float32 weights must leave room to train.
@@ -209,7 +216,7 @@ def slow_path_warnings(config: "RunConfig", shape: "ModelShape") -> list[str]:
         fix = (command_line("mlx-surgical", "convert", source, "--bits", "none", "--dtype", "float32") if source
                else "convert the unquantized original with `mlx-surgical convert SOURCE --bits none --dtype float32`")
         warnings.append(f"{config.model.path} is {shape.quant_bits}-bit: on MLX's CPU backend a quantized base "
-                        f"trains about {QUANTIZED_SLOWDOWN}x slower than float32 weights, which fit this machine "
+                        f"trains about {QUANTIZED_SLOWDOWN:g}x slower than float32 weights, which fit this machine "
                         f"({float32_gb:.1f} GB of {memory:.0f} GB). Fix: {fix}, and point model.path at the result.")
     return [w for w in warnings if w]
 

@@ -55,8 +55,12 @@ def test_slow_paths_are_named_with_their_factor_and_fix(make_config):
     (half,) = slow_path_warnings(config, shape)
     assert "about 30x slower than float32" in half and '"dtype": "float32"' in half
     config.model.dtype = "float32"
-    (quantized,) = slow_path_warnings(config, ModelShape("llama", 64, 192, 2, 4, 2, 512, 16, quant_bits=4))
-    assert "4-bit" in quantized and "about 2x slower" in quantized and "--bits none --dtype float32" in quantized
+    four_bit = ModelShape("llama", 64, 192, 2, 4, 2, 512, 16, quant_bits=4)
+    (quantized,) = slow_path_warnings(config, four_bit)
+    assert "4-bit" in quantized and "about 1.5x slower" in quantized and "--bits none --dtype float32" in quantized
+    config.training.cpu_quantized_matmul = "native"
+    native, _ = slow_path_warnings(config, four_bit)
+    assert "about 4-14x slower" in native and '"cpu_quantized_matmul": "auto"' in native
 
 
 @linux_with_openblas

@@ -84,3 +84,12 @@ def test_the_config_table_names_every_setting():
     for section, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):
             assert f"`{f.name}`" in rows[section], f"{section}.{f.name}"
+
+
+def test_the_slowdown_factors_are_the_ones_the_warnings_use():
+    from mlx_surgical.backend import HALF_PRECISION_SLOWDOWN, NO_OPENBLAS_SLOWDOWN, QUANTIZED_SLOWDOWN
+
+    text = readme()
+    assert f"training about {NO_OPENBLAS_SLOWDOWN}x faster" in text
+    assert f"float16 trains about {HALF_PRECISION_SLOWDOWN}x slower" in text
+    assert f"trained about {QUANTIZED_SLOWDOWN:g}x slower than float32 weights" in text
