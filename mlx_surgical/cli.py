@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from . import __version__
+from .config import EvalConfig, setting_help
 from .errors import TrainingInterrupted, UserError
 from .export import FORMATS
 
@@ -162,6 +163,29 @@ def generate_cmd(model_path, adapter_dir, max_tokens, compare, prompt):
     for piece in stream_answer(loaded, prompt_format_for(loaded, adapter_dir), prompt, max_tokens):
         click.echo(piece, nl=False)
     click.echo()
+
+
+@cli.command("eval")
+@click.argument("adapter_dir", metavar="RUN_DIR", type=click.Path(file_okay=False))
+@click.option("--model", "model_path", default=None,
+              help="Base model; default: the one the run trained on. Needed for an adapter directory that is not a run.")
+@click.option("--data", default=None, type=click.Path(dir_okay=False),
+              help="Held-out examples (.jsonl or .json, any accepted format); default: the run's validation split.")
+@click.option("--samples", type=int, default=None, help=setting_help(EvalConfig, "samples"))
+@click.option("--temperature", type=float, default=None, help=setting_help(EvalConfig, "temperature"))
+@click.option("--max-tokens", type=int, default=None, help=setting_help(EvalConfig, "max_tokens"))
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="Directory for eval.json and eval.md; default: RUN_DIR.")
+@user_errors
+def eval_cmd(adapter_dir, model_path, data, samples, temperature, max_tokens, out):
+    """Compare base and base + adapter: held-out loss, disturbance, pass@k (eval.json, eval.md)."""
+    from .eval import evaluate_adapter
+    from .eval.report import format_table
+
+    given = {"samples": samples, "temperature": temperature, "max_tokens": max_tokens}
+    report = evaluate_adapter(adapter_dir, model_path, data, {k: v for k, v in given.items() if v is not None}, out,
+                              log=lambda line: click.echo(line, err=True))
+    click.echo(format_table(report))
 
 
 @cli.command("plan")

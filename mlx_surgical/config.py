@@ -108,6 +108,22 @@ class OutputConfig:
 
 
 @dataclass
+class EvalConfig:
+    enabled: bool = option(False, "Evaluate the adapter when training ends: eval.json and eval.md in the run "
+                           "directory, as `mlx-surgical eval RUN_DIR` writes them.")
+    samples: Optional[int] = option(
+        None, "Candidates generated and run per example that carries tests (1 = greedy, more = sampled at "
+        "temperature; pass@1 and pass@samples are reported). Unset (null): one greedy candidate for examples "
+        "with tests; 0: run nothing. A number requires every example to carry tests.")
+    temperature: float = option(0.8, "Sampling temperature when samples is above 1.")
+    max_tokens: int = option(256, "Longest generated answer, in tokens.")
+    generations: int = option(3, "Held-out prompts answered side by side by the base and the adapted model.")
+    timeout_seconds: float = option(10.0, "Wall-clock (and CPU-time) limit for running one candidate with its tests.")
+    memory_mb: int = option(1024, "Address-space limit for running one candidate, in MB.")
+    seed: int = option(0, "Seed for sampled candidates.")
+
+
+@dataclass
 class RunConfig:
     description: str = option("", "Free text for humans.")
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -115,6 +131,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -246,10 +263,29 @@ def value_problems(c: RunConfig, source: str) -> list[str]:
         need(getattr(t, name) >= 1, f"training.{name}", "must be at least 1")
     need(t.max_seq_length >= 8, "training.max_seq_length", "must be at least 8 tokens")
     need(t.patience >= 0, "training.patience", "must be 0 (off) or more")
+    p += [f"{source}: {problem}" for problem in eval_problems(c.eval)]
+    need(not c.eval.enabled or data.valid is not None or data.valid_examples is not None, "eval.enabled",
+         "the report needs held-out examples: give data.valid or data.valid_examples")
     if c.output.name is not None:
         need(bool(c.output.name) and set(c.output.name) <= RUN_NAME_CHARS and not c.output.name.startswith("."),
              "output.name", "use a plain name of letters, digits, '.', '_' and '-'")
     return p
+
+
+def eval_problems(e: EvalConfig) -> list[str]:
+    """Range checks of the eval settings, shared by config files and the eval command's options."""
+    checks = [(e.samples is None or e.samples >= 0, "eval.samples", "must be 0 or more (or null)"),
+              (e.temperature > 0, "eval.temperature", "must be positive"),
+              (e.max_tokens >= 1, "eval.max_tokens", "must be at least 1"),
+              (e.generations >= 0, "eval.generations", "must be 0 or more"),
+              (e.timeout_seconds > 0, "eval.timeout_seconds", "must be positive"),
+              (e.memory_mb >= 64, "eval.memory_mb", "must be at least 64 (Python itself needs some)")]
+    return [f"{where}: {message}" for ok, where, message in checks if not ok]
+
+
+def setting_help(cls, name: str) -> str:
+    """The help text of one setting, for command-line options that override it."""
+    return next(f.metadata["help"] for f in dataclasses.fields(cls) if f.name == name)
 
 
 def parse_json_file(path: str | Path, what: str = "config") -> Any:

@@ -31,12 +31,18 @@ def prompt_format_for(loaded: LoadedModel, adapter_dir: Optional[str | Path] = N
     return PromptFormat(loaded.tokenizer, style, system)
 
 
+def stream_completion(loaded: LoadedModel, prompt_ids: list[int], max_tokens: int = 128,
+                      temperature: float = 0.0) -> Iterator[str]:
+    """The model's continuation of prompt_ids, piece by piece: greedy at temperature 0, else
+    sampled (from MLX's global random state)."""
+    for response in stream_generate(loaded.model, loaded.tokenizer, prompt_ids, max_tokens=max_tokens,
+                                    sampler=make_sampler(temp=temperature)):
+        yield response.text
+
+
 def stream_answer(loaded: LoadedModel, fmt: PromptFormat, instruction: str, max_tokens: int = 128) -> Iterator[str]:
     """Greedy decoding of the answer to one instruction, yielded piece by piece."""
-    prompt = fmt.prompt_ids([{"role": "user", "content": instruction}])
-    for response in stream_generate(loaded.model, loaded.tokenizer, prompt, max_tokens=max_tokens,
-                                    sampler=make_sampler(temp=0.0)):
-        yield response.text
+    yield from stream_completion(loaded, fmt.prompt_ids([{"role": "user", "content": instruction}]), max_tokens)
 
 
 def answer(loaded: LoadedModel, fmt: PromptFormat, instruction: str, max_tokens: int = 128) -> str:

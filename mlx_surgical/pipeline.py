@@ -28,6 +28,9 @@ from .config import RunConfig, config_from_dict, per_rank_batch, save_config
 from .console import counted, resume_command, working
 from .data import BatchStream, EncodedData, PromptFormat, encode_records, eval_batches, split_records
 from .errors import TrainingDiverged, TrainingInterrupted, UserError
+from .eval import evaluate_adapter
+from .eval.examples import read_examples
+from .eval.report import format_table
 from .files import write_text_atomic
 from .loss import training_loss
 from .model import is_local, load_model, load_tokenizer, model_shape
@@ -161,6 +164,8 @@ def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[
         loaded = load_model(config.model.path, config.model.revision, dtype)
     fmt = PromptFormat(loaded.tokenizer, config.data.prompt_format, config.data.system_prompt)
     train_data, valid_data = encode_split(config, fmt, "train"), encode_split(config, fmt, "valid")
+    if config.eval.enabled:  # bad eval data is reported now, not after an hour of training
+        read_examples(split_records(config.data, "valid"), config.eval.samples)
     for line in train_data.report_lines("train") + valid_data.report_lines("valid"):
         log(line)
     current_hash = data_hash(config)
@@ -276,6 +281,8 @@ def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[
     if primary:
         info.checksums = run.checksums()
     write_info()
+    if primary and config.eval.enabled:
+        log(format_table(evaluate_adapter(run_dir, loaded=loaded, log=log)))
     return RunResult(run_dir, status, state.update, trainable, info.first_loss, final_loss,
                      result.final_val_loss, state.best_val_loss, world.rank())
 

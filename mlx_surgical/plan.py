@@ -200,6 +200,7 @@ def probe_seconds_per_update(config: RunConfig) -> float:
     probe = copy.deepcopy(config)
     probe.training.epochs, probe.training.iters = None, PROBE_UPDATES
     probe.training.save_every = probe.training.eval_every = 10 ** 9
+    probe.eval.enabled = False
     probe.data.valid, probe.data.valid_examples = None, None
     with tempfile.TemporaryDirectory() as tmp:
         probe.output.dir, probe.output.name = tmp, "probe"

@@ -72,8 +72,11 @@ def find(root: str | Path, name: str) -> Path:
 
 def show(root: str | Path, name: str) -> dict:
     run = RunDir(find(root, name))
-    return {**entry(run.path).to_dict(), "adapter_config": read_json_or_empty(run.adapter_config),
-            "run": read_json_or_empty(run.info)}
+    shown = {**entry(run.path).to_dict(), "adapter_config": read_json_or_empty(run.adapter_config),
+             "run": read_json_or_empty(run.info)}
+    if run.eval_json.exists():
+        shown["eval"] = read_json_or_empty(run.eval_json).get("summary")
+    return shown
 
 
 def verify(root: str | Path, name: str, model_path: Optional[str] = None) -> list[str]:

@@ -8,6 +8,7 @@
       metrics.jsonl            one JSON line per optimizer update and per evaluation
       loss.png                 training and validation loss against updates
       best/                    the adapter with the best validation loss (adapter files + update, val_loss)
+      eval.json, eval.md       the latest evaluation report (eval/), in full and for people
       checkpoints/update-NNNNNNN/
         adapters.safetensors, adapter_config.json, optimizer.safetensors, state.json
                                a resumable checkpoint (checkpoint.py)
@@ -29,6 +30,8 @@ ADAPTER_FILE = "adapters.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 METRICS = "metrics.jsonl"
 LOSS_PLOT = "loss.png"
+EVAL_JSON = "eval.json"
+EVAL_MD = "eval.md"
 BEST_DIR = "best"
 CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_PREFIX = "update-"
@@ -72,6 +75,14 @@ class RunDir:
     @property
     def loss_plot(self) -> Path:
         return self.path / LOSS_PLOT
+
+    @property
+    def eval_json(self) -> Path:
+        return self.path / EVAL_JSON
+
+    @property
+    def eval_md(self) -> Path:
+        return self.path / EVAL_MD
 
     @property
     def best(self) -> Path:

@@ -16,7 +16,7 @@ from mlx_surgical.errors import UserError
 # The console script installed beside this interpreter (the venv's bin/ need not be on PATH).
 SCRIPT = shutil.which("mlx-surgical", path=str(Path(sys.executable).parent)) or "mlx-surgical"
 COMMANDS = ["quickstart", "tiny-model", "train", "validate", "config-help", "plan", "convert", "export",
-            "generate", "adapters", "serve", "doctor"]
+            "generate", "eval", "adapters", "serve", "doctor"]
 
 
 def test_help_lists_every_command_with_a_description():

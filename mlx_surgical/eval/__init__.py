@@ -1,0 +1,197 @@
+"""The surgical report: what an adapter learned, what it disturbed, and whether its code works.
+
+`evaluate_adapter` compares the base model and base + adapter on the same held-out examples
+and writes eval.json and eval.md. One module per concern: `examples` (concepts and tests),
+`heldout` (learned), `disturbance` (reference-text loss and KL to the base), `works` with
+`sandbox`/`confine` (running generated code) and `passk`, `report` (the outputs); `adapted`
+gives both sides of the comparison from one set of weights.
+"""
+
+import time
+from collections import defaultdict
+from dataclasses import asdict, replace
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Optional
+
+from ..config import DataConfig, EvalConfig, RunConfig, TrainingConfig, eval_problems, load_config
+from ..data import encode_records, read_records, split_records
+from ..errors import UserError
+from ..generate import prompt_format_for
+from ..model import LoadedModel
+from ..rundir import RunDir, RunInfo
+from .adapted import base_only, load_adapted
+from .disturbance import example_kl, neutral_records, reference_records
+from .examples import EvalExample, read_examples
+from .heldout import combine, example_losses
+from .passk import mean_pass_at_k
+from .report import summary, write_report
+from .sandbox import Sandbox
+from .works import ProblemResult, generate, run_problems
+
+
+def _run_config(adapter_dir: Path) -> Optional[RunConfig]:
+    """The run's resolved config, or None for an adapter directory that is not a run."""
+    path = RunDir(adapter_dir).config
+    return load_config(path) if path.exists() else None
+
+
+def _recorded_base(adapter_dir: Path, run: RunConfig) -> str:
+    """The base model the run trained on, found from any working directory."""
+    base = RunInfo.load(adapter_dir).base_model
+    return base.resolved_path if base else run.model.path
+
+
+def _held_out(adapter_dir: Path, run: Optional[RunConfig], data: Optional[str]):
+    if data is not None:
+        records = read_records(data)
+        if not records:
+            raise UserError(f"{data}: no examples to evaluate on")
+        return records, str(data)
+    if run is None:
+        raise UserError(f"{adapter_dir}: not a run directory, so there is no validation split to evaluate on; "
+                        "give held-out examples with --data FILE")
+    records = split_records(run.data, "valid")
+    if not records:
+        raise UserError(f"{adapter_dir}: the run has no validation split (data.valid); give held-out examples "
+                        "with --data FILE")
+    return records, "the run's validation split"
+
+
+def _learned(per_example: dict[str, list], indices) -> Optional[dict]:
+    """Base and adapted loss over the chosen examples; gain = base loss - adapted loss."""
+    base, adapted = combine(per_example["base"], indices), combine(per_example["adapted"], indices)
+    if not base.tokens:
+        return None
+    return {"base": base.to_dict(), "adapted": adapted.to_dict(), "gain": base.loss - adapted.loss}
+
+
+def _both_sides(model, measure: Callable) -> dict:
+    """measure() with the adapter, then with the base model."""
+    adapted = measure()
+    with base_only(model):
+        base = measure()
+    return {"base": base, "adapted": adapted}
+
+
+def _disturbed(model, encode, max_length: int) -> dict:
+    references = reference_records()
+    reference = encode(references)
+    kinds = defaultdict(list)
+    kind_of = {r.origin: r.fields["concept"] for r in references}
+    for i, sample in enumerate(reference.samples):
+        kinds[kind_of[sample.origin]].append(i)
+    losses = _both_sides(model, lambda: example_losses(model, reference.samples, max_length))
+    total = _learned(losses, range(len(reference.samples)))
+    kl = example_kl(model, encode(neutral_records(), mask_prompt=True).samples)
+    positions = sum(n for _, n in kl)
+    return {"reference": {"base": total["base"], "adapted": total["adapted"], "change": -total["gain"],
+                          "passages": len(reference.samples),
+                          "by_kind": {kind: _learned(losses, indices) for kind, indices in kinds.items()}},
+            "kl": {"mean": sum(s for s, _ in kl) / positions, "positions": positions, "prompts": len(kl)}}
+
+
+def _pass_rates(results: dict[str, list[ProblemResult]], samples: int) -> dict:
+    keys = [1] + ([samples] if samples > 1 else [])
+    return {side: {f"pass@{k}": mean_pass_at_k([(r.samples, r.passed) for r in rs], k) for k in keys}
+            for side, rs in results.items()}
+
+
+def _by_concept(examples: list[EvalExample], held_out, per_example: dict, results: Optional[dict],
+                samples: int) -> dict:
+    sample_index = {s.origin: i for i, s in enumerate(held_out.samples)}
+    origins = defaultdict(list)
+    for example in examples:
+        for concept in example.concepts:
+            origins[concept].append(example.origin)
+    figures = {}
+    for concept, chosen in origins.items():
+        problems = {side: [r for r in rs if r.origin in chosen] for side, rs in (results or {}).items()}
+        figures[concept] = {"examples": len(chosen),
+                            "learned": _learned(per_example, [sample_index[o] for o in chosen if o in sample_index]),
+                            "works": _pass_rates(problems, samples) if problems.get("adapted") else None}
+    return figures
+
+
+def evaluate_adapter(adapter_dir: str | Path, model: Optional[str] = None, data: Optional[str] = None,
+                     overrides: Optional[dict] = None, out_dir: Optional[str | Path] = None,
+                     loaded: Optional[LoadedModel] = None, log: Callable[[str], None] = print) -> dict:
+    """Evaluate base vs base + adapter and write eval.json and eval.md (into out_dir, by default
+    the adapter directory); returns the report. adapter_dir is a run directory (its base model,
+    validation split, data settings and eval section are used) or any mlx-lm adapter directory
+    with `model` naming its base. `data` is a held-out file in any accepted format, `overrides`
+    eval settings over the run's (or the defaults), `loaded` the model with this adapter
+    already attached (as training leaves it)."""
+    started = time.perf_counter()
+    adapter_dir = Path(adapter_dir)
+    run = _run_config(adapter_dir)
+    try:
+        settings = replace(run.eval if run else EvalConfig(), **(overrides or {}))
+    except TypeError as e:
+        raise UserError(f"eval settings: {e}") from None
+    if eval_problems(settings):
+        raise UserError(*eval_problems(settings))
+    if model is None and run is None:
+        raise UserError(f"{adapter_dir}: not a run directory; name the base model with --model")
+    model_path = model or _recorded_base(adapter_dir, run)
+    records, source = _held_out(adapter_dir, run, data)
+    examples = read_examples(records, settings.samples)
+    problems = [e for e in examples if e.tests is not None]
+    samples = settings.samples if settings.samples is not None else (1 if problems else 0)
+    sandbox = Sandbox(settings.timeout_seconds, settings.memory_mb) if samples and problems else None
+
+    if loaded is None:
+        log(f"loading {model_path} with the adapter in {adapter_dir}")
+        loaded = load_adapted(model_path, adapter_dir, run.model.dtype if run else "auto")
+    loaded.model.eval()  # no LoRA dropout
+    fmt = prompt_format_for(loaded, adapter_dir)
+    data_settings = run.data if run else DataConfig()
+    max_length = run.training.max_seq_length if run else TrainingConfig().max_seq_length
+
+    def encode(rows, mask_prompt=data_settings.mask_prompt):
+        return encode_records(rows, fmt, max_length, data_settings.overlength, mask_prompt)
+
+    held_out = encode(records)
+    if not held_out.samples:
+        raise UserError(f"{source}: no example is left to score after length checks; raise training.max_seq_length")
+    log(f"held-out loss on {len(held_out.samples)} examples")
+    per_example = _both_sides(loaded.model, lambda: example_losses(loaded.model, held_out.samples, max_length))
+    log("reference-text loss, and KL to the base model on neutral prompts")
+    disturbed = _disturbed(loaded.model, encode, max_length)
+
+    results = None
+    if sandbox:
+        log(f"running {samples} candidate(s) for each of {len(problems)} problems with tests "
+            f"(sandbox: {sandbox.isolation.mode})")
+        results = _both_sides(loaded.model, lambda: run_problems(
+            loaded, fmt, problems, samples, settings.temperature, settings.max_tokens, settings.seed, sandbox))
+
+    shown = [e for e in examples if e.has_answer][:settings.generations]
+    log(f"side-by-side answers to {len(shown)} held-out prompts")
+    answers = _both_sides(loaded.model, lambda: [generate(loaded, fmt, e, settings.max_tokens) for e in shown])
+
+    report = {
+        "version": 1,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "adapter": str(adapter_dir),
+        "base_model": model_path,
+        "data": {"source": source, "examples": len(records), "scored": len(held_out.samples),
+                 "truncated": held_out.truncated, "skipped": held_out.skipped},
+        "settings": asdict(settings),
+        "prompt_format": fmt.style,
+        "learned": _learned(per_example, range(len(held_out.samples))),
+        "disturbed": disturbed,
+        "works": None if results is None else {
+            "problems": len(problems), "samples": samples, **_pass_rates(results, samples),
+            "problems_detail": {side: [r.to_dict() for r in rs] for side, rs in results.items()}},
+        "concepts": _by_concept(examples, held_out, per_example, results, samples),
+        "generations": [{"origin": e.origin, "prompt": e.prompt_messages[-1]["content"], "base": b, "adapted": a}
+                        for e, b, a in zip(shown, answers["base"], answers["adapted"])],
+        "sandbox": None if sandbox is None else {
+            "isolation": sandbox.isolation.mode, "enforced": sandbox.isolation.enforced(),
+            "not_enforced": sandbox.isolation.not_enforced()},
+    }
+    report["summary"] = summary(report)
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    write_report(Path(out_dir) if out_dir is not None else adapter_dir, report)
+    return report

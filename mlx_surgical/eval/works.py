@@ -1,0 +1,56 @@
+"""Whether the generated code works: candidates per problem, each run with its tests in the
+sandbox, counted for pass@k."""
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import mlx.core as mx
+
+from ..data import PromptFormat
+from ..generate import stream_completion
+from ..model import LoadedModel
+from .examples import EvalExample, extract_code
+from .sandbox import Sandbox
+
+
+@dataclass
+class ProblemResult:
+    origin: str
+    concepts: list[str]
+    statuses: list[str] = field(default_factory=list)  # one per candidate: passed | failed | timeout | killed
+    first_failure: Optional[str] = None  # the end of the first failing candidate's output
+
+    @property
+    def samples(self) -> int:
+        return len(self.statuses)
+
+    @property
+    def passed(self) -> int:
+        return self.statuses.count("passed")
+
+    def to_dict(self) -> dict:
+        return {"origin": self.origin, "concepts": self.concepts, "samples": self.samples, "passed": self.passed,
+                "statuses": self.statuses, "first_failure": self.first_failure}
+
+
+def generate(loaded: LoadedModel, fmt: PromptFormat, example: EvalExample, max_tokens: int,
+             temperature: float = 0.0) -> str:
+    prompt = fmt.prompt_ids(example.prompt_messages)
+    return "".join(stream_completion(loaded, prompt, max_tokens, temperature)).strip()
+
+
+def run_problems(loaded: LoadedModel, fmt: PromptFormat, problems: list[EvalExample], samples: int,
+                 temperature: float, max_tokens: int, seed: int, sandbox: Sandbox) -> list[ProblemResult]:
+    """`samples` candidates per problem (greedy when 1), each run with the problem's tests."""
+    mx.random.seed(seed)  # both sides of the comparison draw from the same random stream
+    results = []
+    for problem in problems:
+        result = ProblemResult(problem.origin, problem.concepts)
+        for _ in range(samples):
+            answer = generate(loaded, fmt, problem, max_tokens, temperature if samples > 1 else 0.0)
+            outcome = sandbox.run(problem.tests.program(extract_code(answer, problem)))
+            result.statuses.append(outcome.status)
+            if not outcome.passed and result.first_failure is None:
+                result.first_failure = outcome.output[-600:]
+        results.append(result)
+    return results
