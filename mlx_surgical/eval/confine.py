@@ -99,6 +99,8 @@ def limit(settings: dict) -> None:
                         ("RLIMIT_NOFILE", settings["open_files"]), ("RLIMIT_CORE", 0),
                         ("RLIMIT_NPROC", settings["processes"])):
         if hasattr(resource, name):
+            _, hard = resource.getrlimit(getattr(resource, name))
+            value = value if hard == resource.RLIM_INFINITY else min(value, hard)  # only ever lowered
             resource.setrlimit(getattr(resource, name), (value, value))
 
 
