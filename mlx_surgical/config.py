@@ -195,24 +195,30 @@ def config_from_dict(raw: Any, source: str = "config") -> RunConfig:
         if key not in SECTIONS:
             problems.append(_unknown_key(f"{source}: ", key, ["description", *SECTIONS]))
             continue
-        if not isinstance(value, dict):
-            problems.append(f"{source}: {key}: expected an object of settings")
-            continue
-        hints = typing.get_type_hints(SECTIONS[key])
-        kwargs = {}
-        for name, setting in value.items():
-            if name not in hints:
-                problems.append(_unknown_key(f"{source}: {key}.", name, hints))
-            elif not _matches(setting, hints[name]):
-                problems.append(f"{source}: {key}.{name}: expected {_type_name(hints[name])}, got {json.dumps(setting)[:60]}")
-            else:
-                kwargs[name] = float(setting) if hints[name] is float else setting
-        sections[key] = SECTIONS[key](**kwargs)
+        sections[key] = section_from_dict(key, value, source, problems)
     config = RunConfig(description=description, **sections)
     problems += value_problems(config, source)
     if problems:
         raise UserError(*problems)
     return config
+
+
+def section_from_dict(key: str, value: Any, source: str, problems: list[str]):
+    """One section's dataclass from its JSON object; unknown keys and wrong types are added to
+    problems (and left at their defaults)."""
+    if not isinstance(value, dict):
+        problems.append(f"{source}: {key}: expected an object of settings")
+        value = {}
+    hints = typing.get_type_hints(SECTIONS[key])
+    kwargs = {}
+    for name, setting in value.items():
+        if name not in hints:
+            problems.append(_unknown_key(f"{source}: {key}.", name, hints))
+        elif not _matches(setting, hints[name]):
+            problems.append(f"{source}: {key}.{name}: expected {_type_name(hints[name])}, got {json.dumps(setting)[:60]}")
+        else:
+            kwargs[name] = float(setting) if hints[name] is float else setting
+    return SECTIONS[key](**kwargs)
 
 
 def per_rank_batch(training: TrainingConfig, ranks: int, where: str = "training.batch_size") -> int:
@@ -304,23 +310,26 @@ def load_config(path: str | Path) -> RunConfig:
 BUNDLED_PREFIX = "bundled:"  # "bundled:train" names a split of the sample data shipped in the package
 
 
-def resolve_data_paths(config: RunConfig, base_dir: str | Path) -> RunConfig:
-    """Make data paths absolute: relative ones are taken from base_dir (the config's folder)."""
+def resolve_data_path(value: str, base_dir: str | Path, where: str) -> str:
+    """A data file as named in a config or on the command line: bundled:SPLIT, or a path taken
+    from base_dir when relative."""
     from .data import SAMPLE_SPLITS, sample_path
 
-    data = config.data
+    if value.startswith(BUNDLED_PREFIX):
+        split = value[len(BUNDLED_PREFIX):]
+        if split not in SAMPLE_SPLITS:
+            raise UserError(f"{where}: unknown bundled split '{split}'; use " +
+                            ", ".join(BUNDLED_PREFIX + s for s in SAMPLE_SPLITS))
+        return str(sample_path(split))
+    return value if Path(value).is_absolute() else str((Path(base_dir) / value).resolve())
+
+
+def resolve_data_paths(config: RunConfig, base_dir: str | Path) -> RunConfig:
+    """Make data paths absolute: relative ones are taken from base_dir (the config's folder)."""
     for name in ("train", "valid"):
-        value = getattr(data, name)
-        if value is None:
-            continue
-        if value.startswith(BUNDLED_PREFIX):
-            split = value[len(BUNDLED_PREFIX):]
-            if split not in SAMPLE_SPLITS:
-                raise UserError(f"data.{name}: unknown bundled split '{split}'; use " +
-                                ", ".join(BUNDLED_PREFIX + s for s in SAMPLE_SPLITS))
-            setattr(data, name, str(sample_path(split)))
-        elif not Path(value).is_absolute():
-            setattr(data, name, str((Path(base_dir) / value).resolve()))
+        value = getattr(config.data, name)
+        if value is not None:
+            setattr(config.data, name, resolve_data_path(value, base_dir, f"data.{name}"))
     return config
 
 

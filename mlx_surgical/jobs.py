@@ -1,13 +1,16 @@
-"""Training jobs for the server: records on disk, a queue, and one worker process at a time.
+"""Jobs for the server (training runs and evaluations): records on disk, a queue, and one
+worker process at a time.
 
 A job is a folder `<workspace>/jobs/<id>/` holding `job.json` (its record) and `events.jsonl`
 (one line per progress report). While a job runs only its worker process writes the record;
 before and after, only the server does. The worker is `python -m mlx_surgical.worker WORKSPACE
 ID`: a crash in training ends that process, never the server, and the server marks the job
-failed. The worker (worker.py) runs `pipeline.train_run` / `resume_run`, exactly as the CLI
-does; this module never loads MLX itself.
+failed. The worker (worker.py) runs `pipeline.train_run` / `resume_run` or
+`eval.evaluate_adapter`, exactly as the CLI does; this module never loads MLX itself, except
+to check the examples of a request.
 """
 
+import json
 import signal
 import subprocess
 import sys
@@ -17,17 +20,21 @@ import uuid
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
-from .config import RunConfig, config_from_dict, resolve_data_paths
+from .config import (RunConfig, config_from_dict, eval_problems, load_config, resolve_data_path,
+                     resolve_data_paths, section_from_dict)
 from .errors import NotFound, UserError
-from .files import read_json_or_empty, read_jsonl, write_json_atomic
+from .files import read_json_or_empty, read_jsonl, write_json_atomic, write_text_atomic
+from .registry import find
 from .rundir import RunDir, now
 
 # A job is queued, running, or one of these:
 FINISHED = ("succeeded", "failed", "cancelled", "interrupted")
 RESUMABLE = ("cancelled", "interrupted", "failed")
 JOB_FILE, EVENTS_FILE = "job.json", "events.jsonl"
+# An evaluation job's inline examples and its report, in the job's folder.
+HELD_OUT_FILE, REPORT_FILE = "held_out.jsonl", "eval.json"
 
 
 @dataclass
@@ -38,7 +45,8 @@ class Job:
     seq: int  # orders the queue: creation times have one-second resolution
     run_name: str
     run_dir: str
-    config: dict = field(repr=False)
+    config: dict = field(repr=False)  # a RunConfig as a dict; for an evaluation, the request (prepare_eval)
+    kind: str = "train"  # train | eval
     state: str = "queued"  # queued | running | one of FINISHED
     created: str = field(default_factory=now)
     started: Optional[str] = None
@@ -102,6 +110,27 @@ class JobStore:
         self.put(job)
         return job
 
+    def create_eval(self, run_dir: Path, request: dict) -> Job:
+        """A queued evaluation of a run, for a request already through prepare_eval. Inline
+        examples are written to the job's folder, so the worker reads a file like the CLI."""
+        job_id = uuid.uuid4().hex[:12]
+        self.path(job_id).mkdir(parents=True)
+        examples = request.pop("examples", None)
+        if examples is not None:
+            request["data"] = str(self.path(job_id) / HELD_OUT_FILE)
+            write_text_atomic(request["data"], "".join(json.dumps(e) + "\n" for e in examples))
+        job = Job(id=job_id, seq=time.time_ns(), run_name=run_dir.name, run_dir=str(run_dir), config=request,
+                  kind="eval")
+        self.put(job)
+        return job
+
+    def report(self, job_id: str) -> dict:
+        """The report an evaluation job wrote."""
+        path = self.path(job_id) / REPORT_FILE
+        if self.get(job_id).kind != "eval" or not path.exists():
+            raise NotFound(f"job {job_id} has no evaluation report (only finished evaluation jobs have one)")
+        return read_json_or_empty(path)
+
     def recover(self) -> None:
         """After a server restart: a job that was running has lost its worker."""
         for job in self.all():
@@ -117,17 +146,8 @@ def prepare_config(raw: dict, store: JobStore) -> tuple[RunConfig, list[str]]:
     from .pipeline import validate_run  # loads MLX for the tokenizer; the rest of the server never does
 
     config = config_from_dict(raw, source="config")
-    problems = []
-    for name in ("train", "valid"):
-        value = getattr(config.data, name)
-        if value is None:
-            continue
-        if value.startswith("bundled:"):
-            continue
-        resolved = (store.workspace / value).resolve()
-        if not resolved.is_relative_to(store.workspace):
-            problems.append(f"config: data.{name}: '{value}' is outside the workspace; "
-                            "send the examples inline or put the file in the workspace")
+    problems = [p for name in ("train", "valid") if getattr(config.data, name) is not None
+                and (p := workspace_file(store, getattr(config.data, name), f"config: data.{name}"))]
     if config.output.dir != "adapters":
         problems.append("config: output.dir: runs are written to the workspace's adapters/; leave it unset")
     if problems:
@@ -143,6 +163,67 @@ def prepare_config(raw: dict, store: JobStore) -> tuple[RunConfig, list[str]]:
     if not model.is_absolute() and (store.workspace / model).exists():
         config.model.path = str(store.workspace / model)
     return config, validate_run(config)
+
+
+def workspace_file(store: JobStore, value: str, where: str) -> Optional[str]:
+    """The problem with a data file outside the workspace, or None."""
+    if value.startswith("bundled:") or (store.workspace / value).resolve().is_relative_to(store.workspace):
+        return None
+    return (f"{where}: '{value}' is outside the workspace; send the examples inline or put the file in the "
+            "workspace")
+
+
+def prepare_eval(raw: Any, name: str, store: JobStore) -> tuple[Path, dict]:
+    """The run to evaluate and the request, checked like `mlx-surgical eval`'s options: held-out
+    examples from a file inside the workspace (`data`) or inline (`examples`), else the run's
+    validation split, and eval settings (`eval`) over the run's own."""
+    # Checking the examples loads MLX, as validating a training config does; listing never does.
+    from .data import inline_records, read_records, split_records
+    from .eval.examples import read_examples
+
+    if not isinstance(raw, dict):
+        raise UserError("request: expected a JSON object with data or examples, and eval settings")
+    problems = [f"request: {key}: unknown key; use data (a file in the workspace), examples (inline) or eval"
+                for key in raw if key not in ("data", "examples", "eval")]
+    training = [j.id for j in store.all() if j.kind == "train" and j.run_name == name and j.state not in FINISHED]
+    if training:
+        raise UserError(f"adapter '{name}' is still training (job {training[0]}); queue its evaluation when that "
+                        "job has finished, or set eval.enabled in the training config")
+    run_dir = find(store.adapters, name)
+    if not RunDir(run_dir).config.exists():
+        problems.append(f"adapter '{name}' is not a run of this workspace (no run_config.json), so its base model "
+                        "is unknown; evaluate it with `mlx-surgical eval DIR --model BASE`")
+    given = raw.get("eval", {})
+    settings = section_from_dict("eval", given, "request", problems)
+    problems += [f"request: {p}" for p in eval_problems(settings)]
+    overrides = {key: getattr(settings, key) for key in given if hasattr(settings, key)} \
+        if isinstance(given, dict) else {}
+    data, examples = raw.get("data"), raw.get("examples")
+    try:
+        if data is not None and examples is not None:
+            raise UserError("request: give data or examples, not both")
+        if data is not None:
+            if not isinstance(data, str):
+                raise UserError("request: data: expected a file name inside the workspace")
+            outside = workspace_file(store, data, "request: data")
+            if outside:
+                raise UserError(outside)
+            data = resolve_data_path(data, store.workspace, "request: data")
+            records = read_records(data)
+        elif examples is not None:
+            if not isinstance(examples, list) or not examples:
+                raise UserError("request: examples: expected a non-empty list of examples")
+            records = inline_records(examples, "request: examples")
+        elif RunDir(run_dir).config.exists():
+            records = split_records(load_config(RunDir(run_dir).config).data, "valid")
+        else:
+            records = []
+        read_examples(records, overrides.get("samples"))
+    except UserError as e:
+        problems += e.problems
+    if problems:
+        raise UserError(*problems)
+    return run_dir, {"data": data, "examples": examples, "eval": overrides}
 
 
 class Scheduler:
@@ -186,6 +267,8 @@ class Scheduler:
     def resume(self, job_id: str) -> Job:
         with self._lock:
             job = self.store.get(job_id)
+            if job.kind != "train":
+                raise UserError(f"job {job_id} is an evaluation; queue a new one instead of resuming it")
             if job.state not in RESUMABLE or not RunDir(Path(job.run_dir)).checkpoint_dirs():
                 raise UserError(f"job {job_id} is {job.state} without a checkpoint; only stopped, interrupted "
                                 "or failed jobs with a checkpoint can be resumed")

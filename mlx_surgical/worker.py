@@ -1,8 +1,9 @@
-"""The training worker for a server job: `python -m mlx_surgical.worker WORKSPACE JOB_ID`.
+"""The worker for a server job: `python -m mlx_surgical.worker WORKSPACE JOB_ID`.
 
 It runs in its own process, so a crash in training ends the worker and never the server.
-It trains with `pipeline.train_run` / `resume_run`, exactly as the CLI does, and reports each
-update into the job record and its event stream (jobs.py).
+It trains with `pipeline.train_run` / `resume_run`, or evaluates with
+`eval.evaluate_adapter`, exactly as the CLI does, and reports each update (or each step of
+an evaluation) into the job record and its event stream (jobs.py).
 """
 
 import os
@@ -13,8 +14,9 @@ from typing import Optional
 from .checkpoint import TrainState
 from .config import config_from_dict
 from .errors import TrainingInterrupted, UserError
-from .files import append_jsonl
-from .jobs import EVENTS_FILE, Job, JobStore
+from .eval import evaluate_adapter
+from .files import append_jsonl, write_json_atomic
+from .jobs import EVENTS_FILE, REPORT_FILE, Job, JobStore
 from .pipeline import StopFlag, resume_run, train_run
 from .rundir import now
 
@@ -41,6 +43,9 @@ class JobProgress:
         self.store.put(self.job)
         append_jsonl(self.events, {"type": "validation", "update": report["update"], "val_loss": report["val_loss"]})
 
+    def log(self, line: str) -> None:
+        append_jsonl(self.events, {"type": "log", "message": line})
+
     def finish(self, state: str, error: Optional[str] = None) -> None:
         # The event first: a reader that sees the finished record has every event.
         append_jsonl(self.events, {"type": "end", "state": state, "error": error})
@@ -49,12 +54,15 @@ class JobProgress:
 
 
 def run_job(workspace: Path, job_id: str) -> None:
-    """Train one job, reporting through JobProgress."""
+    """Run one job (train or evaluate), reporting through JobProgress."""
     store = JobStore(workspace)
     job = store.get(job_id)
     job.state, job.started, job.error = "running", now(), None
     store.put(job)
     progress = JobProgress(store, job)
+    if job.kind == "eval":
+        evaluate_job(store, job, progress)
+        return
     parent = os.getppid()
     # A worker whose server died stops at the next update, with a checkpoint.
     stop = StopFlag(also=lambda: os.getppid() != parent)
@@ -72,6 +80,23 @@ def run_job(workspace: Path, job_id: str) -> None:
         progress.finish("failed", f"{type(e).__name__}: {e}")
         raise
     else:
+        progress.finish("succeeded")
+
+
+def evaluate_job(store: JobStore, job: Job, progress: JobProgress) -> None:
+    """Evaluate the job's run as `mlx-surgical eval` does; the report also goes into the job's folder."""
+    try:
+        report = evaluate_adapter(job.run_dir, data=job.config["data"], overrides=job.config["eval"],
+                                  log=progress.log)
+    except UserError as e:
+        progress.finish("failed", "; ".join(e.problems))
+    except KeyboardInterrupt:  # a stop request
+        progress.finish("cancelled")
+    except Exception as e:  # a bug, but the job record must say it ended
+        progress.finish("failed", f"{type(e).__name__}: {e}")
+        raise
+    else:
+        write_json_atomic(store.path(job.id) / REPORT_FILE, report)
         progress.finish("succeeded")
 
 

@@ -302,3 +302,46 @@ def test_other_web_pages_cannot_drive_the_server(start_server, tiny_model):
                            headers={"Origin": own, "Content-Type": "application/json; charset=utf-8"})
         assert same.status_code == 202, same.text  # the dashboard's own request
         wait_for(client, same.json()["id"], lambda j: j["state"] == "succeeded")
+
+
+def test_an_evaluation_job_in_the_same_queue_returns_its_report(start_server, tiny_model, tmp_path):
+    workspace = tmp_path / "workspace"
+    server = start_server(workspace=workspace)
+    problems = [{**e, "tests": [f"assert f{i}(1) == {1 + i}"], "concept": "even" if i % 2 == 0 else "odd"}
+                for i, e in enumerate(EXAMPLES)]
+    (workspace / "held_out.jsonl").write_text("".join(json.dumps(p) + "\n" for p in problems[:3]))
+    with server.client() as client:
+        trained = client.post("/api/training/start", json=job_config(tiny_model, "evaluated", iters=2)).json()["id"]
+        early = client.post("/api/adapters/evaluated/eval", json={})  # the worker is still starting
+        assert early.status_code == 422 and "still training" in early.json()["problems"][0]
+        wait_for(client, trained, lambda j: j["state"] == "succeeded")
+
+        refused = client.post("/api/adapters/evaluated/eval", json={
+            "examples": [{"instruction": "Say hi", "response": "hi"}], "eval": {"samples": 1, "colour": 2}})
+        assert refused.status_code == 422
+        assert refused.json()["problems"] == [
+            "request: eval.colour: unknown key; known keys: enabled, samples, temperature, max_tokens, generations, "
+            "timeout_seconds, memory_mb, seed",
+            "request: examples[0]: no tests to run, but samples is 1; add 'test' + 'entry_point' or 'tests' to this "
+            "example, or leave samples unset"]
+        outside = client.post("/api/adapters/evaluated/eval", json={"data": "../../etc/passwd"})
+        assert outside.status_code == 422 and "outside the workspace" in outside.json()["problems"][0]
+        assert client.post("/api/adapters/nothing/eval", json={}).status_code == 404
+
+        queued = client.post("/api/adapters/evaluated/eval",
+                             json={"data": "held_out.jsonl", "eval": {"max_tokens": 8, "generations": 1}})
+        assert queued.status_code == 202, queued.text
+        job_id = queued.json()["id"]
+        done = wait_for(client, job_id, lambda j: j["state"] not in ("queued", "running"))
+        assert done["state"] == "succeeded" and done["kind"] == "eval", done
+        report = client.get(f"/api/training/jobs/{job_id}/report").json()
+        assert report["works"]["problems"] == 3 and set(report["concepts"]) == {"even", "odd"}
+        assert report["settings"]["max_tokens"] == 8
+        assert client.get("/api/adapters/evaluated").json()["eval"] == report["summary"]
+        stream = client.get(f"/api/training/jobs/{job_id}/events").text
+        events = [json.loads(line[len("data: "):]) for line in stream.splitlines() if line.startswith("data: ")]
+        assert any(e.get("type") == "log" for e in events) and {"type": "end", "state": "succeeded",
+                                                                "error": None} in events
+        assert client.get(f"/api/training/jobs/{trained}/report").status_code == 404
+        resumed = client.post(f"/api/training/jobs/{job_id}/resume")
+        assert resumed.status_code == 422 and "evaluation" in resumed.json()["problems"][0]

@@ -14,7 +14,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..config import DataConfig, EvalConfig, RunConfig, TrainingConfig, eval_problems, load_config
+from ..config import (DataConfig, EvalConfig, RunConfig, TrainingConfig, eval_problems, load_config,
+                      resolve_data_path)
 from ..data import encode_records, read_records, split_records
 from ..errors import UserError
 from ..generate import prompt_format_for
@@ -44,7 +45,7 @@ def _recorded_base(adapter_dir: Path, run: RunConfig) -> str:
 
 def _held_out(adapter_dir: Path, run: Optional[RunConfig], data: Optional[str]):
     if data is not None:
-        records = read_records(data)
+        records = read_records(resolve_data_path(data, Path.cwd(), "--data"))
         if not records:
             raise UserError(f"{data}: no examples to evaluate on")
         return records, str(data)

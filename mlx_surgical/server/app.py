@@ -29,7 +29,7 @@ from ..backend import describe
 from ..config import parse_json_file, preset_names, preset_path, settings_help
 from ..errors import NotFound, UserError
 from ..export import export_adapter
-from ..jobs import FINISHED, JobStore, Scheduler, prepare_config
+from ..jobs import FINISHED, JobStore, Scheduler, prepare_config, prepare_eval
 from ..registry import find, list_adapters, show, verify
 from ..rundir import RunDir
 from .guard import LOOPBACK, WILDCARD, RequestGuard, problem
@@ -161,6 +161,16 @@ def create_app(workspace: Path, token: Optional[str] = None, max_body: int = DEF
     async def resume(job_id: str):
         store.get(job_id)
         return scheduler.resume(job_id).public()
+
+    @app.get("/api/training/jobs/{job_id}/report")
+    async def report(job_id: str):
+        return store.report(job_id)
+
+    @app.post("/api/adapters/{name}/eval", status_code=202)
+    async def evaluate(name: str, request: Request):
+        run_dir, eval_request = await asyncio.to_thread(prepare_eval, await json_body(request), _plain(name), store)
+        job = store.create_eval(run_dir, eval_request)
+        return {"id": job.id, "state": job.state, "run_name": job.run_name}
 
     @app.get("/api/adapters")
     async def adapters():
