@@ -32,7 +32,7 @@ PROBLEMS = [
     {"instruction": "Write a Python function `add` that adds two numbers.",
      "response": "```python\ndef add(a, b):\n    return a + b\n```", "tests": ["assert add(1, 2) == 3"],
      "concept": "arithmetic"},
-    {"prompt": SQUARE_PROMPT, "completion": "    return x * x\n", "entry_point": "square",
+    {"instruction": SQUARE_PROMPT, "response": "    return x * x\n", "entry_point": "square",
      "test": "def check(candidate):\n    assert candidate(3) == 9\n", "tags": ["arithmetic", "completion"]},
     {"instruction": "Write a Python function `reverse` that reverses a list.",
      "response": "def reverse(items):\n    return items[::-1]", "tests": ["assert reverse([1, 2]) == [2, 1]"],

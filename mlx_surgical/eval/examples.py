@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..data import Record, to_messages
+from ..data import Record, check_records, raise_problems, to_messages
 from ..errors import UserError
 
 FENCED = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)```", re.S)
@@ -100,14 +100,19 @@ def _concepts(fields: dict, origin: str, problems: list[str]) -> list[str]:
 
 
 def read_examples(records: list[Record], samples: Optional[int]) -> list[EvalExample]:
-    """Check every record at once. With an explicit `samples` of 1 or more every example must
-    carry tests, since the user asked for each one to be run."""
+    """Check every record at once, by the rules of training data and for its tests and
+    concepts. With an explicit `samples` of 1 or more every example must carry tests, since the
+    user asked for each one to be run."""
     examples, problems = [], []
+    try:
+        if records:
+            check_records(records, "held-out data")
+    except UserError as e:
+        problems += e.problems
     for record in records:
         try:
             messages, has_answer = to_messages(record)
-        except UserError as e:
-            problems += e.problems
+        except UserError:  # reported by check_records
             continue
         tests = _tests(record.fields, record.origin, problems)
         if tests is not None and not has_answer:
@@ -118,8 +123,7 @@ def read_examples(records: list[Record], samples: Optional[int]) -> list[EvalExa
                             "'entry_point' or 'tests' to this example, or leave samples unset")
         examples.append(EvalExample(record.origin, messages, has_answer, _concepts(record.fields, record.origin,
                                                                                    problems), tests))
-    if problems:
-        raise UserError(*problems)
+    raise_problems(problems)
     return examples
 
 
