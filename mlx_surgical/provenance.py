@@ -14,7 +14,7 @@ PROVENANCE = "provenance.json"
 
 @dataclass
 class Provenance:
-    source: Optional[str] = None  # as given to convert: a Hugging Face repo id or a local directory
+    source: Optional[str] = None  # as given to convert: a repo id, a local directory, a GGUF file or ollama:NAME
     local_source: Optional[str] = None  # the Hugging Face directory it was read from, absolute
     revision: Optional[str] = None  # the hub commit, for a repo id
     bits: Optional[int] = None
@@ -22,6 +22,9 @@ class Provenance:
     dtype: Optional[str] = None
     converted_with: Optional[str] = None
     created: Optional[str] = None
+    # From a GGUF file: file, sha256, size_bytes, quantization (llama.cpp's file type), tensor_types
+    # ({type: count}), tensors_kept_quantized, and for an Ollama model ollama_manifest, ollama_digest.
+    gguf: Optional[dict] = None
 
     def write(self, model_dir: Path) -> None:
         (Path(model_dir) / PROVENANCE).write_text(json.dumps(asdict(self), indent=2) + "\n")

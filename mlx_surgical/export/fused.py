@@ -12,7 +12,7 @@ from mlx_lm.utils import dequantize_model, save_config, save_model
 from ..adapter import Adapter
 from ..errors import UserError
 from ..files import staged_directory
-from ..model import load_model
+from ..model import load_model, with_mlx_lm_rope
 from ..surgery import apply_adapter, fuse_lora
 
 
@@ -23,7 +23,7 @@ def write(adapter: Adapter, out: Path, base_model: Optional[str] = None, dequant
     loaded = load_model(base)
     apply_adapter(loaded.model, adapter.directory, loaded.shape, base)
     model = fuse_lora(loaded.model, dequantize=dequantize)
-    config = json.loads((loaded.path / "config.json").read_text())
+    config = with_mlx_lm_rope(json.loads((loaded.path / "config.json").read_text()), str(loaded.path))
     if dequantize:
         model = dequantize_model(model)
         config.pop("quantization", None)

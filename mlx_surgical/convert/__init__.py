@@ -1,0 +1,65 @@
+"""Convert a base model to an MLX model directory that mlx-lm, training, planning, generation
+and every export take: from Hugging Face (`hf.py`), a GGUF file (`gguf.py`), or a model Ollama
+has pulled (`ollama:NAME[:TAG]`, found by `ollama.py`, then converted as a GGUF file). Each
+output directory records where it came from in provenance.json."""
+
+from pathlib import Path
+from typing import Callable, Optional
+
+from ..backend import HALF_PRECISION_SLOWDOWN, default_convert_dtype
+from ..errors import UserError
+from ..forward import on_cpu_backend
+from . import gguf, hf, ollama
+
+__all__ = ["convert_model", "source_kind"]
+
+
+def source_kind(source: str) -> str:
+    """'ollama', 'gguf' (any file: a GGUF model is one file, an Ollama blob has no extension)
+    or 'hf' (a repo id or a Hugging Face model directory)."""
+    if source.startswith(ollama.PREFIX):
+        return "ollama"
+    return "gguf" if Path(source).expanduser().is_file() else "hf"
+
+
+def default_output(name: str, bits: Optional[int]) -> Path:
+    suffix = f"{bits}bit" if bits else "mlx"
+    return Path("models") / f"{name}-{suffix}"
+
+
+def convert_model(source: str, out: Optional[str | Path] = None, bits: Optional[int] = 4, group_size: int = 64,
+                  dtype: Optional[str] = None, revision: Optional[str] = None, force: bool = False,
+                  progress: bool = True, log: Callable[[str], None] = print) -> Path:
+    """bits=None keeps every weight unquantized in `dtype` (default: what trains fastest on this
+    MLX backend). From a GGUF file, tensors already in Q4_0, Q4_1 or Q8_0 keep their own 4 or 8
+    bits (group size 32) whenever `bits` is set."""
+    if dtype is None:
+        dtype = default_convert_dtype()
+        if on_cpu_backend():
+            log(f"MLX runs on the CPU here: writing the unquantized parts in float32, which trains about "
+                f"{HALF_PRECISION_SLOWDOWN}x faster here than float16 (--dtype to choose)")
+    if bits not in (None, 4, 8):
+        raise UserError(f"--bits: {bits} is not supported; use 4 or 8 (or none for {dtype} weights)")
+    if group_size not in (32, 64, 128):
+        raise UserError(f"--group-size: {group_size} is not supported; use 32, 64 or 128")
+    kind = source_kind(source)
+    if kind != "hf" and revision:
+        raise UserError(f"--revision: applies to Hugging Face repo ids, not to {source}")
+    model = ollama.find_model(source[len(ollama.PREFIX):]) if kind == "ollama" else None
+    if out is None:
+        if model:
+            name = model.short_name
+        elif kind == "gguf":
+            name = Path(source).expanduser().stem
+        else:
+            name = Path(source.rstrip("/")).name
+        out = default_output(name, bits)
+    out = Path(out)
+    if out.exists() and not force:
+        raise UserError(f"{out}: already exists; choose another --out or pass --force to replace it")
+    if model:
+        return gguf.convert(model.blob, out, bits, group_size, dtype, source, progress,
+                            {"ollama_manifest": str(model.manifest), "ollama_digest": model.digest})
+    if kind == "gguf":
+        return gguf.convert(Path(source).expanduser(), out, bits, group_size, dtype, source, progress)
+    return hf.convert(source, out, bits, group_size, dtype, revision, progress)
