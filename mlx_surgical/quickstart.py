@@ -1,23 +1,33 @@
-"""The whole pipeline on the embedded default: build the tiny model, train surgical LoRA on
-the bundled data with configs/tiny.json, and compare base and adapted answers."""
+"""The whole pipeline on the embedded default: build the tiny model (or, with `real`, fetch
+SmolLM2-135M-Instruct's GGUF and convert it to float32), train surgical LoRA on the bundled data
+with configs/tiny.json (configs/smollm2.json), and compare base and adapted answers and
+held-out losses."""
 
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import mlx.core as mx
+
 from .backend import slow_path_warnings
 from .callbacks import ProgressStyle
-from .config import load_config, preset_path
+from .config import RunConfig, load_config, preset_path
 from .console import command_line
-from .data import read_records, sample_path, to_messages
+from .convert import convert_model
+from .convert.smollm2 import fetch_smollm2
+from .data import eval_batches, read_records, sample_path, to_messages
 from .generate import answer, load_for_generation, prompt_format_for
-from .pipeline import RunResult, train_run
+from .loss import training_loss
+from .model import model_shape
+from .pipeline import RunResult, encode_split, train_run
 from .rundir import RunDir
 from .shape import ModelShape
 from .tiny import QUICKSTART_SHAPE, build_tiny_model
+from .train import evaluate
 
 TINY_MODEL_DIR = "models/tiny-llama"
+REAL_MODEL_DIR = "models/SmolLM2-135M-Instruct-float32"
 # A prompt in the shape of the bundled training pairs, for the commands the quickstart suggests.
 TRY_PROMPT = "Write a Python function `square` that returns a number squared."
 
@@ -29,23 +39,28 @@ class QuickstartResult:
     prompt: str
     base_answer: str
     adapted_answer: str
-    last_epoch_loss: float  # mean over the last epoch's updates: one update's loss is noisy
+    recent_loss: float  # mean over the last epoch's updates (one update's loss is noisy)
+    recent_updates: int  # a run counted in iters: its last quarter
+    base_val_loss: Optional[float]  # the base model's held-out loss; run.final_val_loss is the adapted one
     seconds: float  # the whole quickstart, building the model included
+    real: bool = False
 
     def suggested_commands(self) -> list[list[str]]:
         """What to run next, as argument lists (report_lines quotes them for the shell)."""
         run_dir = self.run.run_dir
+        # The tiny tokenizer has no chat template, so mlx-lm needs CodeLlama's [INST] form;
+        # SmolLM2's ChatML template is applied by mlx-lm itself.
+        prompt = TRY_PROMPT if self.real else f"[INST] {TRY_PROMPT} [/INST]"
         return [["mlx-surgical", "generate", "--model", str(self.model_dir), "--adapter", str(run_dir), TRY_PROMPT],
-                # The tiny tokenizer has no chat template, so mlx-lm needs CodeLlama's [INST] form.
-                ["mlx_lm.generate", "--model", str(self.model_dir), "--adapter-path", str(run_dir),
-                 "--prompt", f"[INST] {TRY_PROMPT} [/INST]"],
-                ["mlx-surgical", "export", str(run_dir), "--format", "peft"]]
+                ["mlx_lm.generate", "--model", str(self.model_dir), "--adapter-path", str(run_dir), "--prompt", prompt],
+                ["mlx-surgical", "export", str(run_dir), "--format", "gguf" if self.real else "peft"]]
 
     def report_lines(self) -> list[str]:
         run = self.run
-        lines = ["", f"training loss {run.first_loss:.3f} at the first update -> {self.last_epoch_loss:.3f} over the "
-                 f"last epoch ({self.last_epoch_loss / run.first_loss:.0%})"
-                 + (f", validation loss {run.final_val_loss:.3f}" if run.final_val_loss is not None else "")]
+        lines = ["", f"training loss {run.first_loss:.3f} at the first update -> {self.recent_loss:.3f} over the "
+                 f"last {self.recent_updates} updates ({self.recent_loss / run.first_loss:.0%})"]
+        if self.base_val_loss is not None and run.final_val_loss is not None:
+            lines.append(f"held-out loss: base {self.base_val_loss:.3f} -> adapted {run.final_val_loss:.3f}")
         lines += ["", "held-out prompt:", *indented(self.prompt)]
         lines += ["", "base model:", *indented(self.base_answer)]
         lines += ["", "base + adapter:", *indented(self.adapted_answer)]
@@ -71,21 +86,53 @@ def ensure_tiny_model(model_dir: str | Path, log: Callable[[str], None] = print)
     return build_tiny_model(model_dir, QUICKSTART_SHAPE)
 
 
-def run_quickstart(out_dir: str = "adapters", model_dir: str = TINY_MODEL_DIR, epochs: Optional[int] = None,
-                   progress: ProgressStyle | bool = "auto", log: Callable[[str], None] = print) -> QuickstartResult:
+def ensure_real_model(model_dir: str | Path, log: Callable[[str], None] = print) -> Path:
+    """SmolLM2-135M-Instruct in float32 MLX (what trains fast on a CPU), converted once from its GGUF."""
+    model_dir = Path(model_dir)
+    if (model_dir / "config.json").exists():
+        log(f"using SmolLM2-135M-Instruct in {model_dir}")
+        return model_dir
+    gguf_path = fetch_smollm2(log=log)
+    return convert_model(str(gguf_path), model_dir, bits=None, dtype="float32", log=log)
+
+
+def held_out_loss(config: RunConfig, adapter_dir: Optional[Path] = None) -> Optional[float]:
+    """The validation split's loss for the base model, or base + adapter, prompted as training was."""
+    loaded = load_for_generation(config.model.path, adapter_dir)
+    if config.model.dtype != "auto":
+        loaded.model.set_dtype(getattr(mx, config.model.dtype))
+    valid = encode_split(config, prompt_format_for(loaded, adapter_dir), "valid")
+    t = config.training
+    return evaluate(loaded.model, training_loss(loaded.model),
+                    eval_batches(valid.samples, t.batch_size, t.max_seq_length))
+
+
+def run_quickstart(out_dir: str = "adapters", model_dir: Optional[str] = None, epochs: Optional[int] = None,
+                   progress: ProgressStyle | bool = "auto", log: Callable[[str], None] = print,
+                   real: bool = False) -> QuickstartResult:
     start = time.perf_counter()
-    config = load_config(preset_path("tiny"))
+    config = load_config(preset_path("smollm2" if real else "tiny"))
+    model_dir = model_dir or (REAL_MODEL_DIR if real else TINY_MODEL_DIR)
     config.model.path = str(model_dir)
     config.output.dir = out_dir
     if epochs is not None:
-        config.training.epochs = epochs
-    for warning in slow_path_warnings(config, ModelShape.from_config(QUICKSTART_SHAPE.hf_config())):
+        config.training.epochs, config.training.iters = epochs, None
+    if real:
+        model_path = ensure_real_model(model_dir, log)
+        shape = model_shape(str(model_path))
+    else:
+        shape = ModelShape.from_config(QUICKSTART_SHAPE.hf_config())
+    for warning in slow_path_warnings(config, shape):
         log(f"warning: {warning}")
-    model_path = ensure_tiny_model(model_dir, log)
-    run = train_run(config, config_name="quickstart", progress=progress, log=log, speed_warnings=False)
+    if not real:
+        model_path = ensure_tiny_model(model_dir, log)
+    base_val_loss = held_out_loss(config)
+    run = train_run(config, config_name="quickstart-real" if real else "quickstart", progress=progress, log=log,
+                    speed_warnings=False)
     losses = [r["loss"] for r in RunDir(run.run_dir).metric_rows() if "loss" in r]
-    per_epoch = max(1, len(losses) // (config.training.epochs or 1))
-    last_epoch_loss = sum(losses[-per_epoch:]) / len(losses[-per_epoch:])
+    t = config.training
+    recent = max(1, len(losses) // t.epochs if t.epochs else len(losses) // 4)
+    recent_loss = sum(losses[-recent:]) / len(losses[-recent:])
 
     held_out = read_records(sample_path("test"))[0]
     prompt = to_messages(held_out)[0][-2]["content"]
@@ -93,5 +140,5 @@ def run_quickstart(out_dir: str = "adapters", model_dir: str = TINY_MODEL_DIR, e
     base_answer = answer(base, prompt_format_for(base), prompt, max_tokens=64)
     adapted = load_for_generation(str(model_path), run.run_dir)
     adapted_answer = answer(adapted, prompt_format_for(adapted, run.run_dir), prompt, max_tokens=64)
-    return QuickstartResult(run, model_path, prompt, base_answer, adapted_answer, last_epoch_loss,
-                            time.perf_counter() - start)
+    return QuickstartResult(run, model_path, prompt, base_answer, adapted_answer, recent_loss, recent, base_val_loss,
+                            time.perf_counter() - start, real)

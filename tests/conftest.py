@@ -1,5 +1,7 @@
-"""Shared fixtures: a tiny model built once per session, configs that train it briefly, and
-`mlx-surgical serve` on a free loopback port.
+"""Shared fixtures: a tiny model built once per session, configs that train it briefly,
+`mlx-surgical serve` on a free loopback port, and for the tests marked `real` SmolLM2-135M-Instruct
+(fetched into the cache, or a skip saying why), converted to float32 and trained once with the
+preset `quickstart --real` uses.
 
 The suite runs offline (HF_HUB_OFFLINE) and, on Linux, re-executes itself once with
 OpenBLAS preloaded exactly as the CLI does (see mlx_surgical/backend.py)."""
@@ -151,3 +153,36 @@ def pasted(tmp_path):
         return json.loads(result.stdout)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf():
+    """SmolLM2-135M-Instruct's Q4_1 GGUF in the cache (python scripts/fetch_smollm2.py puts it there);
+    the tests marked `real` skip, saying why, when it cannot be had."""
+    from mlx_surgical.convert.smollm2 import fetch_smollm2
+    from mlx_surgical.errors import UserError
+
+    try:
+        return fetch_smollm2(log=lambda _: None)
+    except UserError as e:
+        pytest.skip(f"real-model tests need SmolLM2-135M-Instruct: {e}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_float32(smollm2_gguf, tmp_path_factory):
+    from mlx_surgical.convert import convert_model
+
+    return convert_model(str(smollm2_gguf), tmp_path_factory.mktemp("models") / "smollm2-float32", bits=None,
+                         dtype="float32", progress=False)
+
+
+@pytest.fixture(scope="session")
+def smollm2_run(smollm2_float32, tmp_path_factory):
+    """configs/smollm2.json (rank 8 on q/k/v, 30 updates on the bundled pairs) on the float32 conversion."""
+    from mlx_surgical.config import load_config, preset_path
+    from mlx_surgical.pipeline import train_run
+
+    config = load_config(preset_path("smollm2"))
+    config.model.path = str(smollm2_float32)
+    config.output.dir, config.output.name = str(tmp_path_factory.mktemp("adapters")), "smollm2"
+    return train_run(config, progress=False, log=lambda _: None)

@@ -90,7 +90,7 @@ def test_every_suggested_command_pastes_into_bash(make_config, tmp_path, pasted)
     # The quickstart's suggestions, as printed.
     model_dir = tmp_path / AWKWARD_NAME / "models" / "tiny"
     result = QuickstartResult(RunResult(run_dir, "succeeded", 3, 1, 2.0, 1.0, 1.0, 1.0), model_dir, "p", "a", "b",
-                              1.0, 1.0)
+                              1.0, 1, 2.0, 1.0)
     lines = result.report_lines()
     commands = lines[lines.index("use it:") + 1:lines.index("use it:") + 4]
     assert [pasted(line) for line in commands] == [
