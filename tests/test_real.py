@@ -167,8 +167,8 @@ def test_llama_cpp_applies_the_adapter_to_the_original_gguf(smollm2_run, smollm2
     mlx_adapted = mlx_logits(smollm2_float32, ids, smollm2_run.run_dir)
     plain, adapted = llama_cpp_logits(smollm2_gguf), llama_cpp_logits(smollm2_gguf, lora_path=str(adapter))
     assert np.abs(adapted - plain).max() > 1.0  # llama.cpp applied it
-    # Measured: base 0.018 relative RMS, base + adapter 0.022; an adapter without the q/k row
-    # permutation gives 0.040.
+    # Measured: base 0.018 relative RMS, base + adapter 0.018; an adapter without the q/k row
+    # permutation gives 0.048.
     assert relative_rms(adapted, mlx_adapted) < 1.5 * relative_rms(plain, mlx_base)
     assert (adapted.argmax(-1) == mlx_adapted.argmax(-1)).mean() >= 0.9
 
@@ -176,7 +176,8 @@ def test_llama_cpp_applies_the_adapter_to_the_original_gguf(smollm2_run, smollm2
     params.ftype, params.allow_requantize, params.nthread = llama_cpp.LLAMA_FTYPE_ALL_F32, True, 2
     float32 = tmp_path / "smollm2-f32.gguf"
     assert llama_cpp.llama_model_quantize(str(smollm2_gguf).encode(), str(float32).encode(), params) == 0
-    # Tolerance: float32 kernels on both sides; measured max difference 0.014 (base) and 0.012
-    # (with the adapter) on logits up to 37, where the adapter moves them by up to 5.4.
+    # Tolerance: float32 kernels on both sides; measured max difference 0.016 (base) and 0.012
+    # (with the adapter; 2.8 without the q/k permutation) on logits up to 39, where the adapter
+    # moves them by up to 5.4.
     np.testing.assert_allclose(llama_cpp_logits(float32), mlx_base, atol=0.05)
     np.testing.assert_allclose(llama_cpp_logits(float32, lora_path=str(adapter)), mlx_adapted, atol=0.05)
