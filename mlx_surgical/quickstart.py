@@ -16,15 +16,14 @@ from .config import RunConfig, load_config, preset_path
 from .console import command_line
 from .convert import convert_model
 from .convert.smollm2 import fetch_smollm2
-from .data import eval_batches, read_records, sample_path, to_messages
+from .data import read_records, sample_path, to_messages
+from .eval.heldout import combine, example_losses
 from .generate import answer, load_for_generation, prompt_format_for
-from .loss import training_loss
 from .model import model_shape
 from .pipeline import RunResult, encode_split, train_run
 from .rundir import RunDir
 from .shape import ModelShape
 from .tiny import QUICKSTART_SHAPE, build_tiny_model
-from .train import evaluate
 
 TINY_MODEL_DIR = "models/tiny-llama"
 REAL_MODEL_DIR = "models/SmolLM2-135M-Instruct-float32"
@@ -101,10 +100,10 @@ def held_out_loss(config: RunConfig, adapter_dir: Optional[Path] = None) -> Opti
     loaded = load_for_generation(config.model.path, adapter_dir)
     if config.model.dtype != "auto":
         loaded.model.set_dtype(getattr(mx, config.model.dtype))
-    valid = encode_split(config, prompt_format_for(loaded, adapter_dir), "valid")
-    t = config.training
-    return evaluate(loaded.model, training_loss(loaded.model),
-                    eval_batches(valid.samples, t.batch_size, t.max_seq_length))
+    samples = encode_split(config, prompt_format_for(loaded, adapter_dir), "valid").samples
+    if not samples:
+        return None
+    return combine(example_losses(loaded.model, samples, config.training.max_seq_length), range(len(samples))).loss
 
 
 def run_quickstart(out_dir: str = "adapters", model_dir: Optional[str] = None, epochs: Optional[int] = None,
