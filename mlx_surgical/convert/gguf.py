@@ -37,7 +37,6 @@ from ..console import working
 from ..errors import UserError
 from ..export.gguf import GGUF_NAMES
 from ..files import staged_directory
-from ..model import with_mlx_lm_rope
 from ..provenance import Provenance
 from ..shape import PROJECTION_PATHS
 
@@ -161,7 +160,7 @@ def hf_config(reader, path: Path, tensor_names: set[str], rows: dict[str, int]) 
         "bos_token_id": metadata(reader, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": metadata(reader, "tokenizer.ggml.eos_token_id"),
     }
-    return with_mlx_lm_rope({k: v for k, v in config.items() if v is not None}, str(path))
+    return {k: v for k, v in config.items() if v is not None}
 
 
 def convert_tensors(reader, path: Path, config: dict, bits: Optional[int], group_size: int, dtype: str):
