@@ -91,6 +91,8 @@ class AdapterConfig:
             rank, scale = int(params["rank"]), float(params["scale"])
             keys = params.get("keys") or ["self_attn.q_proj", "self_attn.v_proj"]  # mlx-lm's default
             base = raw.get("base_model")
+            if isinstance(base, dict) and base.get("config"):
+                BaseModelRecord(**base).model_shape()  # a damaged record fails here, not in an exporter
             return cls(rank=rank, scale=scale, alpha=float(raw.get("lora_alpha") or scale * rank),
                        dropout=float(params.get("dropout", 0.0)),
                        target_modules=[p for p in PROJECTIONS if PROJECTION_PATHS[p] in keys],
@@ -144,6 +146,19 @@ def lora_parameters(rank: int, scale: float, dropout: float, target_modules: lis
             "keys": [PROJECTION_PATHS[t] for t in PROJECTIONS if t in target_modules]}
 
 
+def lora_problems(lora: LoraConfig, shape: ModelShape, model_path: str) -> list[str]:
+    """What in the lora section cannot apply to this model."""
+    problems = []
+    if lora.layers != "all" and lora.layers > shape.num_layers:
+        problems.append(f"lora.layers: {lora.layers}, but {model_path} has {shape.num_layers} layers; "
+                        f"use at most {shape.num_layers} (or 'all')")
+    smallest = min((min(shape.projection_dims(p)) for p in lora.target_modules if p in PROJECTIONS), default=None)
+    if smallest is not None and lora.rank > smallest:
+        problems.append(f"lora.rank: {lora.rank} exceeds the smallest adapted projection of {model_path} "
+                        f"({smallest} features); a LoRA rank is at most that, and usually 4 to 64")
+    return problems
+
+
 def adapted_layer_count(lora: LoraConfig, num_layers: int) -> int:
     return num_layers if lora.layers == "all" else min(int(lora.layers), num_layers)
 
@@ -181,6 +196,22 @@ class Adapter:
         present = {p.projection for p in self.pairs}
         return [p for p in PROJECTIONS if p in present]
 
+    def fit_problems(self, shape: ModelShape, base: str) -> list[str]:
+        """Every LoRA pair whose layer or shape does not fit a base model of `shape`."""
+        problems, rank = [], self.config.rank
+        for p in self.pairs:
+            if p.projection not in PROJECTIONS:
+                problems.append(f"{self.directory}: layer {p.layer} {p.module} is not a projection mlx_surgical adapts")
+                continue
+            expected_in, expected_out = shape.projection_dims(p.projection)
+            if p.layer >= shape.num_layers:
+                problems.append(f"{self.directory}: layer {p.layer} does not exist in {base} "
+                                f"({shape.num_layers} layers)")
+            elif p.a.shape != (expected_in, rank) or p.b.shape != (rank, expected_out):
+                problems.append(f"{self.directory}: layer {p.layer} {p.module} has A {p.a.shape}, B {p.b.shape}; "
+                                f"{base} needs A ({expected_in}, {rank}), B ({rank}, {expected_out})")
+        return problems
+
 
 def is_adapter_dir(path: Path) -> bool:
     return (path / ADAPTER_CONFIG).exists() and (path / ADAPTER_FILE).exists()
@@ -204,14 +235,20 @@ def read_adapter(directory: str | Path) -> Adapter:
     config = AdapterConfig.read(directory)
     try:
         tensors = load_file(str(weights_path))
-    except (SafetensorError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
         raise UserError(f"{weights_path}: cannot be read ({e}); the file is damaged") from None
+    damaged = sorted(name for name, value in tensors.items() if not np.isfinite(value).all())
+    if damaged:
+        raise UserError(f"{weights_path}: {', '.join(damaged[:3])}{' and more' if len(damaged) > 3 else ''} hold NaN "
+                        "or infinite values (the training diverged); use the best/ adapter or an earlier checkpoint")
     halves: dict[tuple[int, str], dict] = {}
     for name, value in tensors.items():
-        if not name.startswith(LAYER_PREFIX) or not name.endswith((".lora_a", ".lora_b")):
-            raise UserError(f"{weights_path}: unexpected tensor {name}; expected model.layers.N.<module>.lora_a/b")
-        layer, rest = name[len(LAYER_PREFIX):].split(".", 1)
-        module, half = rest.rsplit(".", 1)
+        layer, _, rest = name[len(LAYER_PREFIX):].partition(".")
+        module, _, half = rest.rpartition(".")
+        if not name.startswith(LAYER_PREFIX) or not layer.isdigit() or half not in ("lora_a", "lora_b") \
+                or value.ndim != 2:
+            raise UserError(f"{weights_path}: unexpected tensor {name} {value.shape}; "
+                            "expected 2-D model.layers.N.<module>.lora_a/b")
         halves.setdefault((int(layer), module), {})[half] = value.astype(np.float32)
     incomplete = [f"layer {layer} {module}" for (layer, module), h in halves.items() if len(h) != 2]
     if incomplete:
@@ -219,4 +256,9 @@ def read_adapter(directory: str | Path) -> Adapter:
     pairs = [LoraPair(layer, module, h["lora_a"], h["lora_b"]) for (layer, module), h in sorted(halves.items())]
     if not pairs:
         raise UserError(f"{weights_path}: holds no LoRA tensors")
-    return Adapter(directory, config, pairs)
+    adapter = Adapter(directory, config, pairs)
+    if config.base:  # a damaged file must not reach an exporter as odd shapes
+        problems = adapter.fit_problems(config.base.model_shape(), config.base.path)
+        if problems:
+            raise UserError(*problems)
+    return adapter

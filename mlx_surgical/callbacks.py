@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 from .adapter import AdapterConfig, write_adapter
 from .checkpoint import TrainState, save_checkpoint
 from .console import counted, is_terminal
-from .files import append_jsonl
+from .files import append_jsonl, staged_file
 from .rundir import RunDir
 from .surgery import adapter_weights
 
@@ -150,5 +150,6 @@ def plot_losses(rows: list[dict], out_path: Path) -> Optional[Path]:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
+    with staged_file(out_path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=100)
     return out_path

@@ -13,6 +13,7 @@ from . import __version__
 from .config import EvalConfig, setting_help
 from .errors import TrainingInterrupted, UserError
 from .export import FORMATS
+from .jobs import DEFAULT_KEEP_FINISHED
 
 
 def user_errors(fn):
@@ -95,18 +96,23 @@ def _load_config_arg(config: str):
 @cli.command("train")
 @click.argument("config", required=False)
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), help="Continue the run in this directory.")
+@click.option("--learning-rate", type=float, default=None,
+              help="With --resume: the peak learning rate from the checkpoint on (e.g. lower after a divergence); "
+                   "recorded in run.json.")
 @click.option("--no-progress", is_flag=True, help=NO_PROGRESS_HELP)
 @user_errors
-def train_cmd(config, resume_dir, no_progress):
+def train_cmd(config, resume_dir, learning_rate, no_progress):
     """Train a LoRA adapter from a JSON config (or resume a run)."""
     from .console import counted
     from .pipeline import resume_run, train_run
 
     if (config is None) == (resume_dir is None):
         raise UserError("give a CONFIG to start a run, or --resume RUN_DIR to continue one")
+    if learning_rate is not None and resume_dir is None:
+        raise UserError("--learning-rate goes with --resume; for a new run set training.learning_rate in the config")
     progress = "lines" if no_progress else "auto"
     if resume_dir:
-        result = resume_run(Path(resume_dir), progress=progress)
+        result = resume_run(Path(resume_dir), progress=progress, learning_rate=learning_rate)
     else:
         run_config, name = _load_config_arg(config)
         result = train_run(run_config, config_name=name, progress=progress)
@@ -338,14 +344,16 @@ def adapters_rm(root, name, yes):
 @click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
               help="Also accept this name in the Host and Origin headers (a reverse proxy's); repeatable.")
 @click.option("--max-body-mb", type=float, default=20, show_default=True, help="Largest request body.")
+@click.option("--keep-jobs", type=click.IntRange(min=0), default=DEFAULT_KEEP_FINISHED, show_default=True,
+              help="Finished jobs to keep; older ones are deleted (their adapters stay).")
 @user_errors
-def serve_cmd(host, port, token, workspace, allow_remote, allow_hosts, max_body_mb):
+def serve_cmd(host, port, token, workspace, allow_remote, allow_hosts, max_body_mb, keep_jobs):
     """Local REST server and dashboard: start, watch, stop and resume training over HTTP."""
     try:
         from .server import serve
     except ImportError as e:
         raise UserError(f"serve needs the server extra ({e.name} is missing): pip install 'mlx-surgical[server]'")
-    serve(host, port, Path(workspace), token, allow_remote, int(max_body_mb * 1024 * 1024), allow_hosts)
+    serve(host, port, Path(workspace), token, allow_remote, int(max_body_mb * 1024 * 1024), allow_hosts, keep_jobs)
 
 
 @cli.command("doctor")

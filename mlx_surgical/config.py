@@ -9,6 +9,7 @@ naming the field. The CLI, the server and the presets in configs/ all go through
 import dataclasses
 import difflib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from .errors import UserError, parse_user_json, read_user_text
+from .files import write_json_atomic
 from .shape import PROJECTION_PATHS
 
 
@@ -29,7 +31,8 @@ def option(default, help: str, **kwargs):
 @dataclass
 class ModelConfig:
     path: str = option("", "Hugging Face repo id, or a local MLX/Hugging Face model directory "
-                       "(the output of `mlx-surgical convert`).")
+                       "(the output of `mlx-surgical convert`); a relative directory is looked up from the "
+                       "working directory, then from the config file's folder.")
     revision: Optional[str] = option(None, "Hub revision (branch, tag or commit) when path is a repo id.")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = option(
         "auto", "Train with the unquantized base weights in this dtype. auto: float32 where MLX runs on the "
@@ -244,6 +247,15 @@ def value_problems(c: RunConfig, source: str) -> list[str]:
         if not ok:
             p.append(f"{source}: {where}: {message}")
 
+    # NaN and Infinity parse as JSON numbers; counts feed MLX's 32-bit indices and the seed its 64-bit key.
+    for where, section in (("lora", lora), ("training", t)):
+        for f in dataclasses.fields(section):
+            value = getattr(section, f.name)
+            if isinstance(value, float):
+                need(math.isfinite(value), f"{where}.{f.name}", "must be a finite number")
+            elif isinstance(value, int) and not isinstance(value, bool) and f.name != "seed":
+                need(value < 2 ** 31, f"{where}.{f.name}", "must be below 2^31")
+    need(0 <= t.seed < 2 ** 64, "training.seed", "must be in [0, 2^64)")
     need(bool(c.model.path), "model.path", "required: a Hugging Face repo id or a local model directory")
     need(lora.rank >= 1, "lora.rank", "must be at least 1")
     need(lora.alpha > 0, "lora.alpha", "must be positive")
@@ -301,10 +313,20 @@ def parse_json_file(path: str | Path, what: str = "config") -> Any:
 
 
 def load_config(path: str | Path) -> RunConfig:
-    """Load and check a config file; relative data paths are taken from the file's folder."""
+    """Load and check a config file; relative data and model paths are taken from the file's folder."""
     path = Path(path)
     config = config_from_dict(parse_json_file(path), source=str(path))
-    return resolve_data_paths(config, path.parent)
+    return resolve_model_path(resolve_data_paths(config, path.parent), path.parent)
+
+
+def resolve_model_path(config: RunConfig, base_dir: str | Path) -> RunConfig:
+    """A relative model.path that exists from the working directory stays as it is (as before);
+    otherwise one that exists beside the config file is taken from there, like data paths.
+    Anything else is left for model.py to report (or to find on the Hugging Face Hub)."""
+    given = Path(config.model.path).expanduser()
+    if not given.is_absolute() and not given.exists() and (Path(base_dir) / given).exists():
+        config.model.path = str((Path(base_dir) / given).resolve())
+    return config
 
 
 BUNDLED_PREFIX = "bundled:"  # "bundled:train" names a split of the sample data shipped in the package
@@ -351,7 +373,7 @@ def preset_names() -> list[str]:
 
 
 def save_config(config: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(json.dumps(config.to_dict(), indent=2) + "\n", encoding="utf-8")
+    write_json_atomic(path, config.to_dict())
 
 
 def settings_help() -> dict[str, dict[str, dict]]:

@@ -23,8 +23,13 @@ class NotFound(UserError):
     """The named job, run or adapter does not exist (HTTP 404)."""
 
 
+class Conflict(UserError):
+    """The request collides with what is already there or running: a run name in use, a run
+    another process is writing, a job in the wrong state (HTTP 409)."""
+
+
 class TrainingDiverged(UserError):
-    """The loss became NaN or infinite; the run keeps its last checkpoint."""
+    """The loss or the weights became NaN or infinite; the run keeps its last finite checkpoint."""
 
 
 class TrainingInterrupted(Exception):
@@ -64,3 +69,5 @@ def parse_user_json(text: str, path: Path) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}:{e.colno}: malformed JSON: {e.msg}") from None
+    except RecursionError:
+        raise UserError(f"{path}: JSON nested too deeply to be a config or a data file") from None

@@ -1,6 +1,6 @@
 """Writing files so that a crash never leaves half of one: every file and output directory is
-built under a temporary name beside its destination and renamed into place when complete.
-Also the JSON-lines files (metrics, job events) and file checksums.
+built under a temporary name beside its destination, flushed to disk, and renamed into place
+when complete. Also the JSON-lines files (metrics, job events) and file checksums.
 
 Staged files and directories get the permissions of any other new file (0644 and 0755 under
 the usual umask 022), whatever the writer did: tempfile's mkstemp/mkdtemp and safetensors
@@ -18,6 +18,41 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from safetensors import SafetensorError
+
+from .errors import UserError
+
+# Staging names: ".<name>.<random>.tmp[<suffix>]", so leftovers of a killed writer are recognisable.
+STAGING_MARK = ".tmp"
+
+
+def is_staging(path: Path) -> bool:
+    return path.name.startswith(".") and STAGING_MARK in path.name
+
+
+def remove_staging_leftovers(directory: str | Path) -> list[Path]:
+    """Delete what a writer killed mid-write left in `directory` (call it only while owning the
+    directory, or another writer's work in progress goes with it)."""
+    directory = Path(directory)
+    removed = [p for p in directory.iterdir() if is_staging(p)] if directory.is_dir() else []
+    for path in removed:
+        shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+    return removed
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a directory's entries, to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_failed(out: Path, error: Exception) -> UserError:
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    return UserError(f"{out}: cannot be written ({reason}); check free space and permissions there")
 
 
 def _staging_name(out: Path, suffix: str) -> Path:
@@ -47,16 +82,23 @@ def _share_like_new_files(path: Path) -> None:
 
 @contextmanager
 def staged_file(out: str | Path, suffix: str = "") -> Iterator[Path]:
-    """A temporary path beside `out`, renamed onto it only when the writer finished.
-    `suffix` keeps an extension for writers that insist on one (mx.save_safetensors)."""
+    """A temporary path beside `out`, renamed onto it only when the writer finished and the data
+    reached the disk. `suffix` keeps an extension for writers that insist on one."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    name = _staging_name(out, f".tmp{suffix}")
-    os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))  # O_EXCL: a name nobody else holds
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        name = _staging_name(out, f"{STAGING_MARK}{suffix}")
+        os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))  # O_EXCL: a name nobody else holds
+    except OSError as e:
+        raise write_failed(out, e) from None
     try:
         yield name
         _share_like_new_files(name)
+        fsync_path(name)
         os.replace(name, out)
+        fsync_path(out.parent)
+    except (OSError, SafetensorError) as e:
+        raise write_failed(out, e) from None
     finally:
         name.unlink(missing_ok=True)
 
@@ -64,23 +106,41 @@ def staged_file(out: str | Path, suffix: str = "") -> Iterator[Path]:
 @contextmanager
 def staged_directory(out: str | Path, create: bool = True) -> Iterator[Path]:
     """Build an output directory beside its destination and move it into place only when
-    complete, so a failure never leaves half a directory (or destroys the old one). With
-    create=False the staging path does not exist yet, for writers that refuse an existing
+    complete and on disk, so a failure never leaves half a directory (or destroys the old one).
+    With create=False the staging path does not exist yet, for writers that refuse an existing
     directory (mlx-lm's converter)."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = _staging_name(out, "")
-    if create:
-        staging.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = _staging_name(out, STAGING_MARK)
+        if create:
+            staging.mkdir()
+    except OSError as e:
+        raise write_failed(out, e) from None
+    replaced = None
     try:
         yield staging
         _share_like_new_files(staging)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.rename(staging, out)
+        for path in sorted(staging.rglob("*"), reverse=True):  # files before the folders holding them
+            fsync_path(path)
+        fsync_path(staging)
+        if out.exists() or out.is_symlink():
+            replaced = out.with_name(f"{staging.name}.old{STAGING_MARK}")
+            os.rename(out, replaced)
+        try:
+            os.rename(staging, out)
+        except OSError:
+            if replaced is not None:
+                os.rename(replaced, out)
+                replaced = None
+            raise
+        fsync_path(out.parent)
+    except (OSError, SafetensorError) as e:
+        raise write_failed(out, e) from None
     finally:
-        if staging.exists():
-            shutil.rmtree(staging)
+        for leftover in (staging, replaced):
+            if leftover is not None and leftover.exists():
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -97,22 +157,44 @@ def read_json_or_empty(path: str | Path) -> dict:
     unreadable (the registry lists what it can)."""
     try:
         data = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
     return data if isinstance(data, dict) else {}
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    """The rows of a JSON-lines file (metrics, job events); [] when it does not exist yet."""
-    path = Path(path)
-    if not path.exists():
+    """The rows of a JSON-lines file (metrics, job events); [] when it does not exist yet. A line
+    cut short by a writer that was killed is left out."""
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
 
 
 def append_jsonl(path: str | Path, row: dict) -> None:
-    with Path(path).open("a", encoding="utf-8") as f:
-        f.write(json.dumps(row) + "\n")
+    path = Path(path)
+    try:
+        with path.open("ab") as f:
+            # After a torn last line (a killed writer), start on a line of our own.
+            torn = f.tell() > 0 and _last_byte(path) != b"\n"
+            f.write((b"\n" if torn else b"") + (json.dumps(row) + "\n").encode())
+    except OSError as e:
+        raise write_failed(path, e) from None
+
+
+def _last_byte(path: Path) -> bytes:
+    with path.open("rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1)
 
 
 def sha256_file(path: Path) -> str:

@@ -1,11 +1,13 @@
 """Find and load a base model: a local directory or a Hugging Face repo id.
 
 Loading goes through mlx-lm (`mlx_lm.utils.load`), which reads both MLX and Hugging Face
-layouts and quantized weights; this module adds the Llama-family check before it and the
-model's shape (shape.py) beside it.
+layouts and quantized weights. Before it, `inspect_model_dir` checks what can be checked from
+the files alone (config.json, the Llama family, the safetensors headers, the tokenizer files),
+so `validate` finds the same problems `train` would and neither shows a traceback.
 """
 
 import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -19,16 +21,33 @@ from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
 from .errors import UserError
 from .shape import ModelShape, check_llama_family, local_shape, read_model_config
 
+WEIGHTS_GLOB = "model*.safetensors"  # what mlx-lm loads
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
 
 def is_local(path: str) -> bool:
     return Path(path).expanduser().exists()
+
+
+def looks_like_local_path(path: str) -> bool:
+    """A path rather than a Hugging Face repo id ("namespace/name"): absolute, starting with ./ ../ ~,
+    under models/ (where `convert` writes), or with more than one folder level."""
+    return (path.startswith(("/", "./", "../", "~", ".\\")) or "\\" in path or path.endswith("/")
+            or path.split("/")[0] == "models" or path.count("/") > 1)
 
 
 def local_model_dir(path: str, revision: Optional[str] = None, download: bool = True) -> Path:
     """A local directory for `path`: itself when it exists, else a Hugging Face snapshot.
     With download=False only an already-cached snapshot is used."""
     if is_local(path):
-        return Path(path).expanduser()
+        local = Path(path).expanduser()
+        if not local.is_dir():
+            raise UserError(f"model.path: {path} is a file; give the model's folder (the one holding config.json)")
+        return local
+    if looks_like_local_path(path):
+        raise UserError(f"model.path: the model folder {path} does not exist (a relative path is looked up from "
+                        "the working directory, then from the config file's folder); create it from a Hugging Face "
+                        f"model with `mlx-surgical convert <repo id> --out {path}`")
     try:
         return Path(snapshot_download(path, revision=revision, allow_patterns=DEFAULT_ALLOW_PATTERNS,
                                       local_files_only=not download))
@@ -72,13 +91,65 @@ def with_mlx_lm_rope(config: dict, source: str) -> dict:
     return {**config, **mlx_lm_rope(config, source)}
 
 
+def safetensors_problem(path: Path) -> Optional[str]:
+    """Why a safetensors file is not whole, from its header alone (no tensor is read)."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            if header_len > size - 8:
+                return "its header is cut off or damaged"
+            header = json.loads(f.read(header_len))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (struct.error, ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError):
+        return "it is not a safetensors file (damaged header)"
+    if 8 + header_len + end != size:
+        return f"it is {size:,} bytes but its header describes {8 + header_len + end:,} (truncated or damaged)"
+    return None
+
+
+def inspect_model_dir(model_dir: Path) -> ModelShape:
+    """The shape of a local model directory, after checking config.json (Llama family), that the
+    weight files are whole and that tokenizer files are present. Raises UserError listing every
+    problem."""
+    config = read_model_config(model_dir)
+    check_llama_family(config, str(model_dir / "config.json"))
+    shape = ModelShape.from_config(config, str(model_dir / "config.json"))
+    problems = []
+    weights = sorted(model_dir.glob(WEIGHTS_GLOB))
+    if not weights:
+        problems.append(f"{model_dir}: no weights ({WEIGHTS_GLOB}); give an MLX or Hugging Face model directory "
+                        "(`mlx-surgical convert` writes one)")
+    for path in weights:
+        problem = safetensors_problem(path)
+        if problem:
+            problems.append(f"{path}: {problem}; convert or download the model again")
+    if not any((model_dir / name).exists() for name in TOKENIZER_FILES):
+        problems.append(f"{model_dir}: no tokenizer files (one of {', '.join(TOKENIZER_FILES)}); copy them from the "
+                        "original model")
+    if problems:
+        raise UserError(*problems)
+    return shape
+
+
 def model_shape(path: str, revision: Optional[str] = None, download: bool = False) -> ModelShape:
     """The shape from config.json alone, without loading weights."""
     return local_shape(local_model_dir(path, revision, download=download))
 
 
+def quiet_tokenizer(tokenizer):
+    """Lengths are checked against training.max_seq_length by data.py; transformers' own warning
+    about the model's nominal maximum would only confuse."""
+    tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
+    return tokenizer
+
+
 def load_tokenizer(path: str, revision: Optional[str] = None):
-    return mlx_load_tokenizer(local_model_dir(path, revision, download=False))
+    model_dir = local_model_dir(path, revision, download=False)
+    try:
+        return quiet_tokenizer(mlx_load_tokenizer(model_dir))
+    except Exception as e:  # transformers raises many kinds for damaged or foreign tokenizer files
+        raise UserError(f"{model_dir}: the tokenizer cannot be loaded ({type(e).__name__}: {e})") from None
 
 
 @dataclass
@@ -90,12 +161,15 @@ class LoadedModel:
 
 
 def load_model(path: str, revision: Optional[str] = None, dtype: str = "auto") -> LoadedModel:
-    """Load weights and tokenizer with mlx-lm, after the Llama-family check, with RoPE settings
-    that only transformers 5's form states passed to mlx-lm as it reads them."""
+    """Load weights and tokenizer with mlx-lm, after the checks of inspect_model_dir, with RoPE
+    settings that only transformers 5's form states passed to mlx-lm as it reads them."""
     model_dir = local_model_dir(path, revision, download=True)
+    shape = inspect_model_dir(model_dir)
     config = read_model_config(model_dir)
-    check_llama_family(config, str(model_dir / "config.json"))
-    model, tokenizer = load(str(model_dir), model_config=mlx_lm_rope(config, str(model_dir / "config.json")))
+    try:
+        model, tokenizer = load(str(model_dir), model_config=mlx_lm_rope(config, str(model_dir / "config.json")))
+    except (ValueError, RuntimeError, OSError) as e:  # weights that do not fit the config, unreadable files
+        raise UserError(f"{model_dir}: the model cannot be loaded ({type(e).__name__}: {e})") from None
     if dtype != "auto":
         model.set_dtype(getattr(mx, dtype))
-    return LoadedModel(model, tokenizer, ModelShape.from_config(config), model_dir)
+    return LoadedModel(model, quiet_tokenizer(tokenizer), shape, model_dir)

@@ -6,6 +6,7 @@ same run: the same run directory, the same files, the same checks.
 
 import hashlib
 import json
+import math
 import platform
 import signal
 import sys
@@ -20,12 +21,12 @@ import mlx.core as mx
 import mlx_lm
 
 from . import __version__
-from .adapter import AdapterConfig, PromptRecord, write_adapter
+from .adapter import AdapterConfig, PromptRecord, lora_problems, write_adapter
 from .backend import keep_freed_memory, slow_path_warnings, training_dtype
 from .callbacks import Checkpointer, ConsoleProgress, MetricsFile, ProgressStyle, plot_losses
 from .checkpoint import TrainState, latest_checkpoint, load_checkpoint
-from .config import RunConfig, config_from_dict, per_rank_batch, save_config
-from .console import counted, resume_command, working
+from .config import RunConfig, config_from_dict, parse_json_file, per_rank_batch, save_config
+from .console import command_line, counted, resume_command, working
 from .data import BatchStream, EncodedData, PromptFormat, encode_records, eval_batches, split_records
 from .errors import TrainingDiverged, TrainingInterrupted, UserError
 from .eval import evaluate_adapter
@@ -33,8 +34,10 @@ from .eval.examples import read_examples
 from .eval.report import format_table
 from .files import write_text_atomic
 from .loss import training_loss
-from .model import is_local, load_model, load_tokenizer, model_shape
-from .rundir import BaseModelInfo, BestInfo, DataInfo, FinalInfo, RunDir, RunInfo, now
+from .model import (inspect_model_dir, is_local, load_model, load_tokenizer, local_model_dir, looks_like_local_path,
+                    model_shape)
+from .rundir import (FINISHED, BaseModelInfo, BestInfo, DataInfo, FinalInfo, RunDir, RunInfo, claim_run, now,
+                     output_location_problems, output_problems)
 from .surgery import adapter_weights, attach_lora
 from .train import (LoopSettings, evaluate, learning_rate_schedule, make_optimizer, schedule_for, train)
 from .tuning import choose_path
@@ -53,9 +56,6 @@ class RunResult:
     final_val_loss: Optional[float]
     best_val_loss: Optional[float]
     rank: int = 0  # under mlx.launch only rank 0 reports
-
-
-FINISHED = ("succeeded", "stopped_early")
 
 
 def versions() -> dict:
@@ -118,11 +118,14 @@ class StopFlag:
 
 def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[Path] = None,
               progress: ProgressStyle | bool = "auto", log: Callable[[str], None] = print, callbacks: tuple = (),
-              stop_flag: Optional[StopFlag] = None, speed_warnings: bool = True) -> RunResult:
+              stop_flag: Optional[StopFlag] = None, speed_warnings: bool = True,
+              learning_rate: Optional[float] = None) -> RunResult:
     """Train (or resume) one run and write its directory. Raises UserError for bad input,
-    TrainingDiverged for a NaN loss and TrainingInterrupted after a checkpointed stop (or an
-    abort), its message saying how to continue. `progress` is a ConsoleProgress style; with
-    speed_warnings, a slow path this machine could avoid is named before anything loads.
+    Conflict when another process writes the run, TrainingDiverged when the loss or the weights
+    stop being finite, and TrainingInterrupted after a checkpointed stop (or an abort); each
+    message says how to continue. `progress` is a ConsoleProgress style; with speed_warnings, a
+    slow path this machine could avoid is named before anything loads. On resume,
+    `learning_rate` replaces the peak learning rate from the checkpoint on (recorded in run.json).
 
     Under `mlx.launch` every rank runs this function: each trains on its share of every global
     batch, and only rank 0 writes files and reports (the run directory must be reachable
@@ -130,7 +133,10 @@ def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[
     t_start = time.perf_counter()
     world = mx.distributed.init()
     ranks, primary = world.size(), world.rank() == 0
-    per_rank = per_rank_batch(config.training, ranks)
+    per_rank_batch(config.training, ranks)
+    if learning_rate is not None and (resume_dir is None or not math.isfinite(learning_rate) or learning_rate <= 0):
+        raise UserError("--learning-rate: give a positive number, and only with --resume "
+                        "(a new run takes training.learning_rate from its config)")
     if not primary:
         log, progress, callbacks = (lambda _: None), "off", ()
 
@@ -140,18 +146,39 @@ def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[
 
     if resume_dir:
         run_dir = Path(resume_dir)
+        info = RunInfo.load(run_dir)
+        if info.status in FINISHED:
+            raise UserError(f"{run_dir}: this run already finished ({info.status.replace('_', ' ')} at update "
+                            f"{info.update}); there is nothing to resume. To train longer, start a new run "
+                            "with more training.epochs or training.iters")
     else:
-        started = datetime.fromtimestamp(from_rank0(int(time.time())))
-        run_dir = new_run_dir(config, config_name, started)
-        if from_rank0(int(run_dir.exists() and any(run_dir.iterdir()))):
-            raise UserError(f"output.name: run directory {run_dir} already exists; resume it with "
-                            f"`{resume_command(run_dir)}` or choose another output.name")
-    run = RunDir(run_dir)
-    info = RunInfo.load(run_dir) if resume_dir else RunInfo(name=run_dir.name)
-    if resume_dir and info.status in FINISHED:
-        raise UserError(f"{run_dir}: this run already finished ({info.status.replace('_', ' ')} at update "
-                        f"{info.update}); there is nothing to resume. To train longer, start a new run "
-                        "with more training.epochs or training.iters")
+        run_dir = new_run_dir(config, config_name, datetime.fromtimestamp(from_rank0(int(time.time()))))
+        problems = output_location_problems(config.output.dir)
+        if problems:
+            raise UserError(*problems)
+    claim, refusal = None, None
+    if primary:
+        try:
+            claim = claim_run(run_dir, new=resume_dir is None)
+        except UserError as e:
+            refusal = e
+    if from_rank0(int(refusal is not None)):
+        raise refusal or UserError(f"{run_dir}: rank 0 could not take the run directory (see its message)")
+    try:
+        return _train_owned(config, RunDir(run_dir), resume_dir is not None, t_start, world, progress, log,
+                            callbacks, stop_flag, speed_warnings, learning_rate)
+    finally:
+        if claim is not None:
+            claim.release()
+
+
+def _train_owned(config: RunConfig, run: RunDir, resume: bool, t_start: float, world, progress: ProgressStyle | bool,
+                 log: Callable[[str], None], callbacks: tuple, stop_flag: Optional[StopFlag], speed_warnings: bool,
+                 learning_rate: Optional[float]) -> RunResult:
+    """train_run, once this process owns the run directory."""
+    ranks, primary = world.size(), world.rank() == 0
+    run_dir = run.path
+    info = RunInfo.load(run_dir) if resume else RunInfo(name=run_dir.name)
 
     if speed_warnings:
         for warning in slow_path_warnings(config, model_shape(config.model.path, config.model.revision,
@@ -162,6 +189,12 @@ def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[
         log(f"model.dtype auto: training in {dtype}, the fast dtype on MLX's CPU backend")
     with working(f"loading {config.model.path}", enabled=progress not in (False, "off")):
         loaded = load_model(config.model.path, config.model.revision, dtype)
+    if resume and info.base_model is not None and info.base_model.fingerprint != loaded.shape.fingerprint():
+        raise UserError(f"{run_dir}: this run was trained on {info.base_model.path} ({info.base_model.shape}), but "
+                        f"{config.model.path} is now {loaded.shape.describe()}; resume needs the same base model")
+    problems = lora_problems(config.lora, loaded.shape, config.model.path)
+    if problems:
+        raise UserError(*problems)
     fmt = PromptFormat(loaded.tokenizer, config.data.prompt_format, config.data.system_prompt)
     train_data, valid_data = encode_split(config, fmt, "train"), encode_split(config, fmt, "valid")
     if config.eval.enabled:  # bad eval data is reported now, not after an hour of training
@@ -169,7 +202,7 @@ def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[
     for line in train_data.report_lines("train") + valid_data.report_lines("valid"):
         log(line)
     current_hash = data_hash(config)
-    if resume_dir and info.data is not None and info.data.hash != current_hash:
+    if resume and info.data is not None and info.data.hash != current_hash:
         raise UserError(f"{run_dir}: the training data changed since this run started; "
                         "resume needs the same examples (or start a new run)")
 
@@ -177,7 +210,9 @@ def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[
     schedule = schedule_for(len(train_data.samples), t)
     stream = BatchStream(train_data.samples, t.batch_size, t.seed, t.max_seq_length, world.rank(), ranks)
     trainable = attach_lora(loaded.model, config.lora, t.seed)
-    lr = learning_rate_schedule(t.learning_rate, t.min_learning_rate, schedule.warmup_updates, schedule.updates,
+    previous_peak = info.learning_rate_changes[-1]["learning_rate"] if info.learning_rate_changes else t.learning_rate
+    peak = learning_rate or previous_peak
+    lr = learning_rate_schedule(peak, min(t.min_learning_rate, peak), schedule.warmup_updates, schedule.updates,
                                 t.schedule)
     optimizer = make_optimizer(lr, t.weight_decay)
     optimizer.init(loaded.model.trainable_parameters())
@@ -185,22 +220,30 @@ def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[
                                         PromptRecord(fmt.style, config.data.system_prompt))
 
     state = TrainState()
-    if resume_dir:
-        checkpoint = latest_checkpoint(run_dir)
-        if checkpoint is None:
-            raise UserError(f"{run_dir}: no checkpoint to resume from; start the run again")
-        state = load_checkpoint(checkpoint, loaded.model, optimizer)
+    restored = load_checkpoint(run_dir, loaded.model, optimizer, warn=log, set_aside=primary) if resume else None
+    if restored is not None:
+        state = restored
         if primary:
             kept = _truncate_metrics(run, state.update)
             if info.first_loss is None:  # run.json from before first_loss was recorded
                 info.first_loss = next((r["loss"] for r in kept if "loss" in r), None)
         log(f"resuming {run_dir} from update {state.update} of {schedule.updates}")
-    elif primary:
-        run_dir.mkdir(parents=True, exist_ok=True)  # only now: bad input above leaves nothing behind
-        save_config(config, run.config)
-        write_adapter(run_dir, adapter_weights(loaded.model), adapter_cfg)
+    else:
+        if run.contents():
+            log(f"{run_dir} has no checkpoint (its earlier start ended before the first one); "
+                "starting it from the beginning")
+            info = RunInfo(name=run_dir.name)
+        if primary:  # only now: bad input above leaves nothing behind
+            run.clear()
+            save_config(config, run.config)
+            write_adapter(run_dir, adapter_weights(loaded.model), adapter_cfg)
+    if learning_rate is not None:
+        info.learning_rate_changes.append({"update": state.update, "learning_rate": learning_rate,
+                                           "previous": previous_peak, "at": now()})
+        log(f"learning rate {previous_peak:g} -> {learning_rate:g} from update {state.update + 1}")
 
     info.status = "running"
+    info.error = None
     info.base_model = BaseModelInfo(config.model.path, str(loaded.path), loaded.shape.fingerprint(),
                                     loaded.shape.describe())
     info.data = DataInfo(current_hash, len(train_data.samples), len(valid_data.samples), train_data.tokens,
@@ -213,6 +256,7 @@ def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[
     info.timings.load_seconds = round(time.perf_counter() - t_start, 2)
     write_info = (lambda: info.save(run_dir)) if primary else (lambda: None)
     write_info()
+    per_rank = t.batch_size // ranks
     log(f"run {run_dir}: {counted(trainable, 'trainable parameter')}, {counted(len(train_data.samples), 'example')}, "
         f"{counted(schedule.updates, 'optimizer update')} ({counted(schedule.epochs, 'epoch')} x "
         f"{counted(schedule.micro_batches_per_epoch, 'micro-batch', 'micro-batches')} / "
@@ -258,8 +302,9 @@ def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[
             (f"continue from the last checkpoint with: {resume_command(run_dir)}" if latest_checkpoint(run_dir)
              else "no checkpoint was saved yet")) from None
     except TrainingDiverged as e:
-        info.error = str(e)
-        raise
+        diverged = TrainingDiverged(" ".join([*e.problems, _after_divergence(run, peak)]))
+        info.error = str(diverged)
+        raise diverged from None
     finally:
         restore_signals()
         console.close()
@@ -270,9 +315,9 @@ def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[
         info.timings.train_seconds = round(state.train_seconds, 2)
         info.timings.finished = now()
         info.best = BestInfo(state.best_val_loss, state.best_update)
+        write_info()
         if primary:
             plot_losses(run.metric_rows(), run.loss_plot)
-        write_info()
 
     if primary:
         write_adapter(run_dir, adapter_weights(loaded.model), adapter_cfg)
@@ -287,9 +332,19 @@ def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[
                      result.final_val_loss, state.best_val_loss, world.rank())
 
 
+def _after_divergence(run: RunDir, peak: float) -> str:
+    """What is left after a divergence, and how to go on: said truthfully, from the files."""
+    kept = latest_checkpoint(run.path)
+    if kept is None:
+        return ("No checkpoint was written before it; lower training.learning_rate in the config and start "
+                "the run again (the same command restarts it).")
+    return (f"The last checkpoint, {kept.name}, holds finite weights and is kept; continue from it with a lower "
+            f"learning rate: {command_line('mlx-surgical', 'train', '--resume', run.path, '--learning-rate', f'{peak / 10:.3g}')}")
+
+
 def _truncate_metrics(run: RunDir, update: int) -> list[dict]:
     """Drop rows written after the checkpoint we resume from; they will be written again."""
-    rows = [r for r in run.metric_rows() if r["update"] <= update]
+    rows = [r for r in run.metric_rows() if isinstance(r.get("update"), int) and r["update"] <= update]
     write_text_atomic(run.metrics, "".join(json.dumps(r) + "\n" for r in rows))
     return rows
 
@@ -298,7 +353,7 @@ def load_run_config(run_dir: Path) -> RunConfig:
     path = RunDir(Path(run_dir)).config
     if not path.exists():
         raise UserError(f"{run_dir}: not a run directory (no {path.name})")
-    return config_from_dict(json.loads(path.read_text()), source=str(path))
+    return config_from_dict(parse_json_file(path, "run config"), source=str(path))
 
 
 def resume_run(run_dir: Path, **kwargs) -> RunResult:
@@ -306,17 +361,28 @@ def resume_run(run_dir: Path, **kwargs) -> RunResult:
 
 
 def validate_run(config: RunConfig) -> list[str]:
-    """Check a config and its data without loading weights. Returns what was found; raises
-    UserError listing every problem. Lengths are checked when the tokenizer is local."""
+    """Check a config, its model's files, its data and its output location without loading
+    weights. Returns what was found; raises UserError listing every problem. Lengths are
+    checked when the tokenizer is local."""
     problems, notes = [], []
     encoded = {}
+    tokenizer = None
+    path = config.model.path
     try:
-        tokenizer = load_tokenizer(config.model.path, config.model.revision) if is_local(config.model.path) else None
+        if is_local(path) or looks_like_local_path(path):
+            model_dir = local_model_dir(path, config.model.revision, download=False)
+        else:  # a Hugging Face repo id: checked when it is already in the local cache
+            try:
+                model_dir = local_model_dir(path, config.model.revision, download=False)
+            except UserError:
+                model_dir = None
+                notes.append(f"model {path} is not local: its files and the example lengths not checked")
+        if model_dir is not None:
+            problems += lora_problems(config.lora, inspect_model_dir(model_dir), path)
+            tokenizer = load_tokenizer(str(model_dir))
     except UserError as e:
         problems += e.problems
-        tokenizer = None
-    if tokenizer is None and not problems:
-        notes.append(f"model {config.model.path} is not local: example lengths not checked")
+    problems += output_problems(config.output.dir, config.output.name)
     for split in ("train", "valid"):
         try:
             records = split_records(config.data, split)

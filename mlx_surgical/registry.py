@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Optional
 
 from .adapter import AdapterConfig, is_adapter_dir, read_adapter
-from .errors import NotFound, UserError
+from .errors import Conflict, NotFound, UserError
 from .files import read_json_or_empty, sha256_file
+from .locks import is_locked
 from .rundir import RunDir, RunInfo
 from .shape import local_shape
 
@@ -61,17 +62,17 @@ def list_adapters(root: str | Path = "adapters") -> list[AdapterEntry]:
     return sorted((entry(p) for p in root.iterdir() if p.is_dir() and is_adapter_dir(p)), key=lambda e: e.created)
 
 
-def find(root: str | Path, name: str) -> Path:
-    """A run by name inside root, or a path to an adapter directory."""
-    for candidate in (Path(root) / name, Path(name)):
+def find(root: str | Path, name: str, paths: bool = True) -> Path:
+    """A run by name inside root, or (with paths) a path to an adapter directory anywhere."""
+    for candidate in (Path(root) / name, *([Path(name)] if paths else [])):
         if candidate.is_dir() and is_adapter_dir(candidate):
             return candidate
     known = ", ".join(e.name for e in list_adapters(root)) or "none"
     raise NotFound(f"adapter '{name}' not found in {root} (known: {known})")
 
 
-def show(root: str | Path, name: str) -> dict:
-    run = RunDir(find(root, name))
+def show(root: str | Path, name: str, paths: bool = True) -> dict:
+    run = RunDir(find(root, name, paths))
     shown = {**entry(run.path).to_dict(), "adapter_config": read_json_or_empty(run.adapter_config),
              "run": read_json_or_empty(run.info)}
     if run.eval_json.exists():
@@ -104,14 +105,7 @@ def verify(root: str | Path, name: str, model_path: Optional[str] = None) -> lis
         raise UserError(*problems, *e.problems) from None
     shape = local_shape(Path(model_path)) if model_path else adapter.config.base_shape()
     base = model_path or adapter.config.base_model
-    rank = adapter.config.rank
-    for p in adapter.pairs:
-        expected_in, expected_out = shape.projection_dims(p.projection)
-        if p.layer >= shape.num_layers:
-            problems.append(f"{run_dir}: layer {p.layer} does not exist in {base} ({shape.num_layers} layers)")
-        elif p.a.shape != (expected_in, rank) or p.b.shape != (rank, expected_out):
-            problems.append(f"{run_dir}: layer {p.layer} {p.module} has A {p.a.shape}, B {p.b.shape}; {base} "
-                            f"needs A ({expected_in}, {rank}), B ({rank}, {expected_out})")
+    problems += adapter.fit_problems(shape, base)
     if problems:
         raise UserError(*problems)
     checked.append(f"shapes fit {base} ({shape.describe()})")
@@ -120,5 +114,7 @@ def verify(root: str | Path, name: str, model_path: Optional[str] = None) -> lis
 
 def remove(root: str | Path, name: str) -> Path:
     run_dir = find(root, name)
+    if is_locked(RunDir(run_dir).lock):
+        raise Conflict(f"{run_dir}: a training process is writing this run; stop it first")
     shutil.rmtree(run_dir)
     return run_dir

@@ -11,18 +11,26 @@
       eval.json, eval.md       the latest evaluation report (eval/), in full and for people
       checkpoints/update-NNNNNNN/
         adapters.safetensors, adapter_config.json, optimizer.safetensors, state.json
-                               a resumable checkpoint (checkpoint.py)
+                               a resumable checkpoint (checkpoint.py); state.json holds the
+                               others' sizes and checksums
+      run.lock                 held by the one process writing the run (locks.py)
 
 The pipeline writes these; the registry, the server, evaluation and the dashboard read them
 through this module. Nothing here imports MLX.
 """
 
+import os
+import shutil
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
-from .files import read_json_or_empty, read_jsonl, sha256_file, write_json_atomic
+from .console import resume_command
+from .errors import Conflict, UserError
+from .files import is_staging, read_json_or_empty, read_jsonl, remove_staging_leftovers, sha256_file, \
+    write_failed, write_json_atomic
+from .locks import FileLock
 
 RUN_CONFIG = "run_config.json"
 RUN_INFO = "run.json"
@@ -37,6 +45,8 @@ CHECKPOINTS_DIR = "checkpoints"
 CHECKPOINT_PREFIX = "update-"
 OPTIMIZER_FILE = "optimizer.safetensors"
 STATE_FILE = "state.json"
+LOCK_FILE = "run.lock"
+FINISHED = ("succeeded", "stopped_early")  # RunInfo.status of a run that completed
 
 # The files a user ships, checksummed in run.json when a run finishes.
 CHECKSUMMED = (ADAPTER_FILE, ADAPTER_CONFIG, f"{BEST_DIR}/{ADAPTER_FILE}", f"{BEST_DIR}/{ADAPTER_CONFIG}")
@@ -96,13 +106,43 @@ class RunDir:
         return self.checkpoints / f"{CHECKPOINT_PREFIX}{update:07d}"
 
     def checkpoint_dirs(self) -> list[Path]:
-        """Complete checkpoints, oldest first (staging directories start with a dot)."""
+        """Complete checkpoints, oldest first (staging directories start with a dot, rejected
+        checkpoints carry a suffix)."""
         if not self.checkpoints.is_dir():
             return []
-        return sorted(p for p in self.checkpoints.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX))
+        return sorted(p for p in self.checkpoints.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+                      and p.name[len(CHECKPOINT_PREFIX):].isdigit())
+
+    @property
+    def lock(self) -> Path:
+        return self.path / LOCK_FILE
 
     def metric_rows(self) -> list[dict]:
         return read_jsonl(self.metrics)
+
+    def contents(self) -> list[Path]:
+        """What the run has written (not its lock or a killed writer's staging files)."""
+        if not self.path.is_dir():
+            return []
+        return [p for p in self.path.iterdir() if p.name != LOCK_FILE and not is_staging(p)]
+
+    def finished(self) -> bool:
+        return RunInfo.load(self.path).status in FINISHED and self.adapter.exists()
+
+    def restartable(self) -> bool:
+        """A run of ours that never reached its first checkpoint (nor its end) holds nothing
+        worth keeping."""
+        ours = self.config.exists() or self.info.exists()
+        return ours and not self.checkpoint_dirs() and not self.finished()
+
+    def clear(self) -> None:
+        """Remove everything the run wrote, to start it again from the beginning."""
+        for path in self.contents():
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+
+    def remove_staging_leftovers(self) -> None:
+        for directory in (self.path, self.checkpoints, self.best):
+            remove_staging_leftovers(directory)
 
     def checksums(self) -> dict[str, str]:
         """sha256 of the files a user ships, recorded in run.json when a run finishes."""
@@ -176,6 +216,8 @@ class RunInfo:
     final: Optional[FinalInfo] = None
     error: Optional[str] = None
     checksums: dict = field(default_factory=dict)
+    # Learning rates set on resume: {"update", "learning_rate", "previous", "at"}, oldest first.
+    learning_rate_changes: list = field(default_factory=list)
     # Keys this version does not know (a newer mlx_surgical wrote them), kept when rewriting.
     extra: dict = field(default_factory=dict, repr=False)
 
@@ -201,3 +243,70 @@ class RunInfo:
 
     def save(self, run_dir: Path) -> None:
         write_json_atomic(RunDir(Path(run_dir)).info, self.to_dict())
+
+
+@dataclass
+class RunClaim:
+    """The run directory, owned by this process until `release`."""
+
+    run: RunDir
+    lock: FileLock
+    created: bool  # this process made the directory (and removes it if it then writes nothing)
+
+    def release(self) -> None:
+        if self.created and not self.run.contents():
+            self.lock.release(delete=True)
+            shutil.rmtree(self.run.path, ignore_errors=True)
+        else:
+            self.lock.release()
+
+
+def claim_run(run_dir: Path, new: bool) -> RunClaim:
+    """Become the one writer of a run directory, before any model is loaded. A new run may take
+    an empty directory or one whose earlier start never reached a checkpoint; a second writer is
+    refused with the holder's pid, and the lock of a dead writer is taken over."""
+    run = RunDir(Path(run_dir))
+    if run.path.exists() and not run.path.is_dir():
+        raise UserError(f"{run.path}: exists and is not a directory; choose another output.name")
+    if not new and not run.path.is_dir():
+        raise UserError(f"{run.path}: no such run directory")
+    created = not run.path.exists()
+    try:
+        run.path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_failed(run.path, e) from None
+    lock = FileLock(run.lock).acquire(f"run {run.path}")
+    claim = RunClaim(run, lock, created)
+    if new and run.contents() and not run.restartable():
+        claim.release()
+        raise Conflict(f"output.name: run directory {run.path} already exists; resume it with "
+                       f"`{resume_command(run.path)}` or choose another output.name")
+    run.remove_staging_leftovers()
+    return claim
+
+
+def output_location_problems(out_dir: str | Path) -> list[str]:
+    """Why no run could be written under out_dir."""
+    out_dir = Path(out_dir)
+    existing = next(p for p in (out_dir, *out_dir.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        return [f"output.dir: {out_dir} cannot be created: {existing} is a file"]
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return [f"output.dir: no permission to write in {existing}; choose another output.dir"]
+    return []
+
+
+def output_problems(out_dir: str | Path, name: Optional[str]) -> list[str]:
+    """Why a new run could not be written to out_dir/name, found before any training."""
+    out_dir = Path(out_dir)
+    problems = output_location_problems(out_dir)
+    if problems:
+        return problems
+    if name is not None:
+        run = RunDir(out_dir / name)
+        if run.path.exists() and not run.path.is_dir():
+            return [f"output.name: {run.path} exists and is not a directory; choose another output.name"]
+        if run.contents() and not run.restartable():
+            return [f"output.name: run directory {run.path} already exists; resume it with "
+                    f"`{resume_command(run.path)}` or choose another output.name"]
+    return []

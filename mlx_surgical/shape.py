@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from .errors import UserError
+from .errors import UserError, parse_user_json, read_user_text
 
 # Short projection names and where they live inside a Llama decoder layer, in the order
 # every table and report lists them.
@@ -45,8 +45,18 @@ class ModelShape:
     quant_bits: Optional[int] = None
     quant_group_size: Optional[int] = None
 
+    def __post_init__(self):
+        sizes = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "vocab_size", "head_dim")
+        bad = [name for name in sizes if type(getattr(self, name)) is not int or getattr(self, name) < 1]
+        if bad:
+            raise ValueError(f"{', '.join(bad)} must be positive whole numbers")
+
     @classmethod
     def from_config(cls, config: dict, source: str = "config.json") -> "ModelShape":
+        sizes = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+        bad = [k for k in sizes if k in config and (type(config[k]) is not int or config[k] < 1)]
+        if bad:
+            raise UserError(f"{source}: {', '.join(bad)} must be positive whole numbers")
         try:
             heads = config["num_attention_heads"]
             quant = config.get("quantization") or config.get("quantization_config") or {}
@@ -65,6 +75,8 @@ class ModelShape:
             )
         except KeyError as e:
             raise UserError(f"{source}: missing {e.args[0]}; is this a Llama-family model config?") from None
+        except (TypeError, ValueError, ZeroDivisionError, AttributeError) as e:
+            raise UserError(f"{source}: a size field has an unusable value ({e})") from None
 
     def projection_dims(self, name: str) -> tuple[int, int]:
         """(in, out) features of a decoder-layer projection by its short name."""
@@ -103,7 +115,10 @@ def read_model_config(model_dir: Path) -> dict:
     path = model_dir / "config.json"
     if not path.exists():
         raise UserError(f"{model_dir}: no config.json; give a Hugging Face or MLX model directory")
-    return json.loads(path.read_text())
+    config = parse_user_json(read_user_text(path, "model config"), path)
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: must hold a JSON object (a model's config)")
+    return config
 
 
 def check_llama_family(config: dict, source: str) -> None:

@@ -19,7 +19,7 @@ from typing import Callable, Optional, Protocol
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
-from mlx.utils import tree_map
+from mlx.utils import tree_flatten, tree_map
 
 from .checkpoint import TrainState
 from .data import Batch
@@ -167,8 +167,12 @@ def train(model, optimizer, loss_fn: Callable, batch_at: Callable[[int], Batch],
 
     @partial(mx.compile, inputs=compiled_state, outputs=compiled_state)
     def apply_update(grads, ntoks):
+        """One optimizer update; returns whether every weight and moment is still finite."""
         grads = tree_map(across_ranks, grads)
         optimizer.update(model, tree_map(lambda g: g / ntoks, grads))
+        values = [v for _, v in tree_flatten([model.trainable_parameters(), optimizer.state])
+                  if mx.issubdtype(v.dtype, mx.floating)]
+        return mx.all(mx.stack([mx.all(mx.isfinite(v)) for v in values]))
 
     model.train()
     final_val = None
@@ -189,11 +193,13 @@ def train(model, optimizer, loss_fn: Callable, batch_at: Callable[[int], Batch],
         tokens = int(across_ranks(mx.array(tokens), mx.cpu).item())
         loss = (loss_total / mx.maximum(tok_total, 1)).item()
         if not math.isfinite(loss):
-            raise TrainingDiverged(
-                f"training: loss became {loss} at update {state.update + 1}; the last checkpoint is kept. "
-                "Lower training.learning_rate or check the data.")
-        apply_update(grads, tok_total)
-        mx.eval(model.trainable_parameters(), optimizer.state)
+            raise TrainingDiverged(f"training: loss became {loss} at update {state.update + 1} "
+                                   "(a learning rate too high for this data, or a broken example).")
+        finite = apply_update(grads, tok_total)
+        mx.eval(model.trainable_parameters(), optimizer.state, finite)
+        if not finite.item():  # the weights in memory are lost; the callbacks must not save them
+            raise TrainingDiverged(f"training: the weights became NaN or infinite at update {state.update + 1} "
+                                   "(a learning rate too high for this data).")
 
         seconds = time.perf_counter() - tic
         state.update += 1

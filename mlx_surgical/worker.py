@@ -1,77 +1,88 @@
-"""The worker for a server job: `python -m mlx_surgical.worker WORKSPACE JOB_ID`.
+"""The worker for a server job: `python -m mlx_surgical.worker WORKSPACE JOB_ID ATTEMPT`.
 
 It runs in its own process, so a crash in training ends the worker and never the server.
 It trains with `pipeline.train_run` / `resume_run`, or evaluates with
 `eval.evaluate_adapter`, exactly as the CLI does, and reports each update (or each step of
-an evaluation) into the job record and its event stream (jobs.py).
+an evaluation) into the job record and its event stream (jobs.py) for as long as the job is
+on its attempt; a worker that lost its job (resumed elsewhere, or its server restarted)
+checkpoints at the next update and ends without another word.
 """
 
 import os
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from .checkpoint import TrainState
 from .config import config_from_dict
 from .errors import TrainingInterrupted, UserError
 from .eval import evaluate_adapter
-from .files import append_jsonl, write_json_atomic
-from .jobs import EVENTS_FILE, REPORT_FILE, Job, JobStore
+from .files import write_json_atomic
+from .jobs import REPORT_FILE, Job, JobStore, StaleWorker
 from .pipeline import StopFlag, resume_run, train_run
-from .rundir import now
+from .rundir import RunDir, now
 
 
 class JobProgress:
     """Training callback: copies each report into the job record and the event stream."""
 
-    def __init__(self, store: JobStore, job: Job):
-        self.store, self.job = store, job
-        self.events = store.path(job.id) / EVENTS_FILE
+    def __init__(self, store: JobStore, job_id: str, attempt: int, stop: StopFlag):
+        self.store, self.job_id, self.attempt, self.stop = store, job_id, attempt, stop
+
+    def report(self, change: Callable[[Job], None], event: Optional[dict] = None) -> None:
+        try:
+            self.store.worker_write(self.job_id, self.attempt, change, event)
+        except StaleWorker:
+            self.stop.requested = True
 
     def on_update(self, report: dict, state: TrainState) -> None:
-        job = self.job
-        job.update, job.total_updates, job.loss = report["update"], report["total_updates"], report["loss"]
-        job.learning_rate, job.tokens_per_second = report["learning_rate"], report["tokens_per_second"]
-        job.eta_seconds = state.train_seconds / max(job.update, 1) * (job.total_updates - job.update)
-        self.store.put(job)
-        append_jsonl(self.events, {"type": "progress", "update": job.update, "total_updates": job.total_updates,
-                                   "loss": job.loss, "learning_rate": job.learning_rate,
-                                   "tokens_per_second": job.tokens_per_second, "eta_seconds": job.eta_seconds})
+        eta = state.train_seconds / max(report["update"], 1) * (report["total_updates"] - report["update"])
+        values = {"update": report["update"], "total_updates": report["total_updates"], "loss": report["loss"],
+                  "learning_rate": report["learning_rate"], "tokens_per_second": report["tokens_per_second"],
+                  "eta_seconds": eta}
+
+        def change(job: Job) -> None:
+            for name, value in values.items():
+                setattr(job, name, value)
+
+        self.report(change, {"type": "progress", **values})
 
     def on_eval(self, report: dict, state: TrainState, improved: bool) -> None:
-        self.job.val_loss = report["val_loss"]
-        self.store.put(self.job)
-        append_jsonl(self.events, {"type": "validation", "update": report["update"], "val_loss": report["val_loss"]})
+        self.report(lambda job: setattr(job, "val_loss", report["val_loss"]),
+                    {"type": "validation", "update": report["update"], "val_loss": report["val_loss"]})
 
     def log(self, line: str) -> None:
-        append_jsonl(self.events, {"type": "log", "message": line})
+        self.report(lambda job: None, {"type": "log", "message": line})
 
     def finish(self, state: str, error: Optional[str] = None) -> None:
-        # The event first: a reader that sees the finished record has every event.
-        append_jsonl(self.events, {"type": "end", "state": state, "error": error})
-        self.job.state, self.job.finished, self.job.error = state, now(), error
-        self.store.put(self.job)
+        def change(job: Job) -> None:
+            job.state, job.finished, job.error, job.stop_requested = state, now(), error, False
+
+        self.report(change, {"type": "end", "state": state, "error": error})
 
 
-def run_job(workspace: Path, job_id: str) -> None:
+def run_job(workspace: Path, job_id: str, attempt: int) -> None:
     """Run one job (train or evaluate), reporting through JobProgress."""
     store = JobStore(workspace)
-    job = store.get(job_id)
-    job.state, job.started, job.error = "running", now(), None
-    store.put(job)
-    progress = JobProgress(store, job)
-    if job.kind == "eval":
-        evaluate_job(store, job, progress)
-        return
     parent = os.getppid()
     # A worker whose server died stops at the next update, with a checkpoint.
     stop = StopFlag(also=lambda: os.getppid() != parent)
+    progress = JobProgress(store, job_id, attempt, stop)
+    try:
+        job = store.worker_write(job_id, attempt, lambda job: None)
+    except StaleWorker:
+        return
+    if job.kind == "eval":
+        evaluate_job(store, job, progress)
+        return
     quiet = {"progress": False, "log": lambda _: None, "callbacks": (progress,), "stop_flag": stop}
     try:
-        if job.resume:
-            resume_run(Path(job.run_dir), **quiet)
-        else:
-            train_run(config_from_dict(job.config, source="job config"), config_name="job", **quiet)
+        if job.resume and RunDir(Path(job.run_dir)).config.exists():
+            resume_run(Path(job.run_dir), learning_rate=job.resume_learning_rate, **quiet)
+        else:  # a first start, or a job whose first start ended before writing its run directory
+            config = config_from_dict(store.config(job_id), source="job config")
+            config.training.learning_rate = job.resume_learning_rate or config.training.learning_rate
+            train_run(config, config_name="job", **quiet)
     except TrainingInterrupted:
         progress.finish("cancelled" if stop.requested else "interrupted")
     except UserError as e:
@@ -85,9 +96,9 @@ def run_job(workspace: Path, job_id: str) -> None:
 
 def evaluate_job(store: JobStore, job: Job, progress: JobProgress) -> None:
     """Evaluate the job's run as `mlx-surgical eval` does; the report also goes into the job's folder."""
+    request = store.config(job.id)
     try:
-        report = evaluate_adapter(job.run_dir, data=job.config["data"], overrides=job.config["eval"],
-                                  log=progress.log)
+        report = evaluate_adapter(job.run_dir, data=request["data"], overrides=request["eval"], log=progress.log)
     except UserError as e:
         progress.finish("failed", "; ".join(e.problems))
     except KeyboardInterrupt:  # a stop request
@@ -101,4 +112,4 @@ def evaluate_job(store: JobStore, job: Job, progress: JobProgress) -> None:
 
 
 if __name__ == "__main__":
-    run_job(Path(sys.argv[1]), sys.argv[2])
+    run_job(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]))

@@ -87,14 +87,14 @@ def free_port() -> int:
 class Server:
     """`mlx-surgical serve` in a subprocess; `banner` holds the lines it printed at start-up."""
 
-    def __init__(self, workspace: Path, *args):
+    def __init__(self, workspace: Path, *args, cwd=None):
         import httpx
 
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen([sys.executable, "-m", "mlx_surgical", "serve", "--port", str(self.port),
                                          "--workspace", str(workspace), *args],
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd)
         deadline = time.time() + 60
         while time.time() < deadline:
             try:
@@ -121,8 +121,8 @@ class Server:
 def start_server(tmp_path):
     servers = []
 
-    def start(*args, workspace=None):
-        servers.append(Server(workspace or tmp_path / "workspace", *args))
+    def start(*args, workspace=None, cwd=None):
+        servers.append(Server(workspace or tmp_path / "workspace", *args, cwd=cwd))
         return servers[-1]
 
     yield start

@@ -86,3 +86,16 @@ def test_a_config_that_is_not_utf8_names_the_line(tmp_path):
     path.write_bytes(b'{\n"description": "caf\xe9"\n}')
     with pytest.raises(UserError, match=r"c.json:2: not valid UTF-8 \(byte 0xe9 at column 20\)"):
         load_config(path)
+
+
+def test_model_path_is_taken_from_the_config_folder_unless_it_exists_from_the_working_directory(
+        tiny_model, tmp_path, monkeypatch):
+    (tmp_path / "project" / "models").mkdir(parents=True)
+    (tmp_path / "project" / "models" / "tiny").symlink_to(tiny_model)
+    path = tmp_path / "project" / "config.json"
+    path.write_text(json.dumps({**MINIMAL, "model": {"path": "models/tiny"}}))
+    monkeypatch.chdir(tmp_path)
+    assert load_config(path).model.path == str(tiny_model.resolve())  # beside the config, like data paths
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "tiny").symlink_to(tiny_model)
+    assert load_config(path).model.path == "models/tiny"  # as before: it exists from here

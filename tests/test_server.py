@@ -115,7 +115,7 @@ def test_queue_stop_and_exact_resume(start_server, tiny_model):
         updates = [m["update"] for m in client.get(f"/api/training/jobs/{long_id}/metrics").json() if "loss" in m]
         assert updates == list(range(1, 121))
         again = client.post(f"/api/training/jobs/{long_id}/resume")
-        assert again.status_code == 422 and "succeeded" in again.json()["problems"][0]
+        assert again.status_code == 409 and "succeeded" in again.json()["problems"][0]
 
 
 def test_bad_requests_are_refused_with_every_problem(start_server, tiny_model, tmp_path):
@@ -154,13 +154,25 @@ def test_bad_requests_are_refused_with_every_problem(start_server, tiny_model, t
         malformed = client.post("/api/training/start", content=b"{not json",
                                 headers={"Content-Type": "application/json"})
         assert malformed.status_code == 422 and "malformed JSON" in malformed.json()["problems"][0]
+        deep = client.post("/api/training/start", content=b'{"a": ' * 100_000 + b"1" + b"}" * 100_000,
+                           headers={"Content-Type": "application/json"})
+        assert deep.status_code == 422 and "nested too deeply" in deep.json()["problems"][0]
+        missing = job_config(tiny_model, "missing")
+        missing["data"] = {"train": "missing.jsonl"}
+        refused = client.post("/api/training/start", json=missing)
+        assert refused.status_code == 422 and refused.json()["problems"] == [
+            "missing.jsonl: data file not found; check data.train / data.valid in the config"]
+        too_big = job_config(tiny_model, "too-big")
+        too_big["lora"]["rank"] = 2 ** 20
+        refused = client.post("/api/training/start", json=too_big)
+        assert refused.status_code == 422 and "lora.rank: 1048576 exceeds" in refused.json()["problems"][0]
         assert client.get("/api/training/jobs/0123456789ab").status_code == 404
         assert client.get("/api/adapters/nothing").status_code == 404
 
         first = client.post("/api/training/start", json=job_config(tiny_model, "taken", iters=2))
         assert first.status_code == 202
         clash = client.post("/api/training/start", json=job_config(tiny_model, "taken", iters=2))
-        assert clash.status_code == 422 and "already exists" in clash.json()["problems"][0]
+        assert clash.status_code == 409 and "already exists" in clash.json()["problems"][0]
         wait_for(client, first.json()["id"], lambda j: j["state"] == "succeeded")
 
 
@@ -246,6 +258,7 @@ def test_jobs_survive_a_server_restart_and_an_interrupted_job_resumes(start_serv
 
 
 def test_a_crashing_worker_fails_its_job_and_the_server_carries_on(start_server, tiny_model, tmp_path):
+    import os
     import shutil
 
     broken = tmp_path / "broken-model"
@@ -253,10 +266,14 @@ def test_a_crashing_worker_fails_its_job_and_the_server_carries_on(start_server,
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
     server = start_server()
     with server.client() as client:
-        bad_id = client.post("/api/training/start", json=job_config(broken, "broken")).json()["id"]
+        refused = client.post("/api/training/start", json=job_config(broken, "broken"))  # validate reads the header
+        assert refused.status_code == 422 and "model.safetensors: its header is cut off" in refused.text
+        crash_id = client.post("/api/training/start", json=job_config(tiny_model, "crash", iters=120)).json()["id"]
         good_id = client.post("/api/training/start", json=job_config(tiny_model, "fine", iters=2)).json()["id"]
-        failed = wait_for(client, bad_id, lambda j: j["state"] not in ("queued", "running"))
-        assert failed["state"] == "failed" and failed["error"]
+        running = wait_for(client, crash_id, lambda j: j["state"] == "running" and j["update"] >= 1)
+        os.kill(running["worker_pid"], signal.SIGKILL)  # as the kernel's OOM killer would
+        failed = wait_for(client, crash_id, lambda j: j["state"] not in ("queued", "running"))
+        assert failed["state"] == "failed" and "ended unexpectedly (exit code -9)" in failed["error"]
         assert wait_for(client, good_id, lambda j: j["state"] != "queued" and j["state"] != "running")["state"] \
             == "succeeded"
         deadline = time.time() + 30  # the worker process exits just after it records the result
@@ -345,3 +362,63 @@ def test_an_evaluation_job_in_the_same_queue_returns_its_report(start_server, ti
         assert client.get(f"/api/training/jobs/{trained}/report").status_code == 404
         resumed = client.post(f"/api/training/jobs/{job_id}/resume")
         assert resumed.status_code == 422 and "evaluation" in resumed.json()["problems"][0]
+
+
+def test_small_records_a_page_at_a_time_deleted_and_pruned(start_server, tiny_model, tmp_path):
+    from mlx_surgical.config import config_from_dict
+    from mlx_surgical.jobs import JobStore
+
+    workspace = tmp_path / "workspace"
+    store = JobStore(workspace)
+    ids = []
+    for i in range(8):
+        config = config_from_dict(job_config(tiny_model, f"old-{i}"))
+        config.output.dir = str(store.adapters)
+        job = store.create(config)
+        with store.locked(job.id) as record:
+            record.state = "succeeded"
+        ids.append(job.id)
+    server = start_server("--keep-jobs", "6", workspace=workspace)
+    with server.client() as client:
+        first = client.get("/api/training/jobs", params={"limit": 4})
+        assert first.headers["X-Total-Count"] == "6"  # the two oldest finished jobs were pruned
+        assert [j["id"] for j in first.json()] == ids[:3:-1]  # newest first
+        assert [j["id"] for j in client.get("/api/training/jobs", params={"offset": 4}).json()] == ids[3:1:-1]
+        assert not (workspace / "jobs" / ids[0]).exists() and not (workspace / "jobs" / ids[1]).exists()
+        assert client.get("/api/training/jobs", params={"limit": 0}).status_code == 422
+
+        assert client.delete(f"/api/training/jobs/{ids[5]}").status_code == 204
+        assert client.get(f"/api/training/jobs/{ids[5]}").status_code == 404
+        assert client.delete(f"/api/training/jobs/{ids[5]}").status_code == 404
+
+        running = client.post("/api/training/start", json=job_config(tiny_model, "busy", iters=30)).json()["id"]
+        wait_for(client, running, lambda j: j["state"] == "running" and j["update"] >= 2)
+        assert client.delete(f"/api/training/jobs/{running}").status_code == 409
+        client.post(f"/api/training/jobs/{running}/stop")
+        wait_for(client, running, lambda j: j["state"] == "cancelled")
+        assert client.post(f"/api/training/jobs/{running}/resume", json={"learning_rate": "low"}).status_code == 422
+        assert client.post(f"/api/training/jobs/{running}/resume", json={"learning_rate": 5e-3}).status_code == 202
+        done = wait_for(client, running, lambda j: j["state"] not in ("queued", "running"))
+        assert done["state"] == "succeeded" and done["update"] == 30, done
+        changes = json.loads((workspace / "adapters" / "busy" / "run.json").read_text())["learning_rate_changes"]
+        assert [(c["learning_rate"], c["previous"]) for c in changes] == [(5e-3, 1e-2)]
+        assert client.delete(f"/api/training/jobs/{running}").status_code == 204
+    # The status record stays small: the config and its inline examples are written once beside it.
+    record = (workspace / "jobs" / ids[7] / "job.json").read_text()
+    assert "examples" not in record and len(record) < 1000
+    assert json.loads((workspace / "jobs" / ids[7] / "config.json").read_text())["data"]["examples"] == EXAMPLES
+
+
+def test_a_job_record_from_before_config_json_keeps_its_config(tiny_model, tmp_path):
+    from mlx_surgical.jobs import JobStore
+
+    store = JobStore(tmp_path / "workspace")
+    config = job_config(tiny_model, "old")
+    folder = store.root / "0123456789ab"
+    folder.mkdir()
+    (folder / "job.json").write_text(json.dumps({"id": "0123456789ab", "seq": 1, "run_name": "old", "state": "failed",
+                                                 "run_dir": str(store.adapters / "old"), "config": config}))
+    with store.locked("0123456789ab") as job:  # rewriting the record (a resume) must not lose the config
+        job.state = "queued"
+    assert "config" not in json.loads((folder / "job.json").read_text())
+    assert store.config("0123456789ab") == config and store.get("0123456789ab").state == "queued"

@@ -20,16 +20,16 @@ from typing import Iterable, Optional
 from urllib.parse import quote
 
 from fastapi import FastAPI, Request
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.background import BackgroundTask
 
 from .. import __version__
 from ..backend import describe
 from ..config import parse_json_file, preset_names, preset_path, settings_help
-from ..errors import NotFound, UserError
+from ..errors import Conflict, NotFound, UserError, parse_user_json
 from ..export import export_adapter
-from ..jobs import FINISHED, JobStore, Scheduler, prepare_config, prepare_eval
+from ..jobs import DEFAULT_KEEP_FINISHED, FINISHED, JobStore, Scheduler, prepare_config, prepare_eval
 from ..registry import find, list_adapters, show, verify
 from ..rundir import RunDir
 from .guard import LOOPBACK, WILDCARD, RequestGuard, problem
@@ -48,11 +48,13 @@ class BodyTooLarge(UserError):
 
 
 def create_app(workspace: Path, token: Optional[str] = None, max_body: int = DEFAULT_MAX_BODY,
-               host: str = "127.0.0.1", allow_hosts: Iterable[str] = ()) -> FastAPI:
+               host: str = "127.0.0.1", allow_hosts: Iterable[str] = (),
+               keep_finished: int = DEFAULT_KEEP_FINISHED) -> FastAPI:
     """The app for a server bound to `host`; `allow_hosts` are further names clients may use
-    in Host and Origin (a reverse proxy's)."""
+    in Host and Origin (a reverse proxy's). Refuses (Conflict) a workspace another server runs."""
     store = JobStore(workspace)
-    scheduler = Scheduler(store)
+    scheduler = Scheduler(store, keep_finished=keep_finished)
+    scheduler.claim()
 
     @asynccontextmanager
     async def lifespan(app):
@@ -64,16 +66,28 @@ def create_app(workspace: Path, token: Optional[str] = None, max_body: int = DEF
     app.add_middleware(RequestGuard, token=token, bound_host=host, allow_hosts=tuple(allow_hosts), max_body=max_body)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
-    async def json_body(request: Request):
+    async def json_body(request: Request, if_empty=None):
+        """The request's JSON; `if_empty` (when given) stands for an empty body."""
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
             if len(body) > max_body:  # a chunked body has no content-length to check up front
                 raise BodyTooLarge(f"request body is over the limit of {max_body:,} bytes")
+        if if_empty is not None and not body.strip():
+            return if_empty
         try:
-            return json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"request body: malformed JSON: {e}") from None
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"request body: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        return parse_user_json(text, "request body")
+
+    def in_workspace(name: str) -> Path:
+        """A run of the workspace by its plain name (never a folder elsewhere, such as the server's own)."""
+        return find(store.adapters, _plain(name), paths=False)
+
+    def relative(text: str) -> str:
+        """Answers name files inside the workspace relative to it, never by the server's own paths."""
+        return text.replace(f"{store.workspace}/", "").replace(str(store.workspace), ".")
 
     @app.exception_handler(BodyTooLarge)
     async def too_large(request, exc: BodyTooLarge):
@@ -81,11 +95,15 @@ def create_app(workspace: Path, token: Optional[str] = None, max_body: int = DEF
 
     @app.exception_handler(NotFound)
     async def not_found(request, exc: NotFound):
-        return problem(404, *exc.problems)
+        return problem(404, *map(relative, exc.problems))
+
+    @app.exception_handler(Conflict)
+    async def conflict(request, exc: Conflict):
+        return problem(409, *map(relative, exc.problems))
 
     @app.exception_handler(UserError)
     async def user_error(request, exc: UserError):
-        return problem(422, *exc.problems)
+        return problem(422, *map(relative, exc.problems))
 
     @app.get("/", include_in_schema=False)
     async def dashboard():
@@ -119,15 +137,24 @@ def create_app(workspace: Path, token: Optional[str] = None, max_body: int = DEF
     async def start(request: Request):
         config, _ = await asyncio.to_thread(prepare_config, await json_body(request), store)
         job = store.create(config)
+        scheduler.notify()
         return {"id": job.id, "state": job.state, "run_name": job.run_name}
 
     @app.get("/api/training/jobs")
-    async def jobs():
-        return [j.public() for j in store.all()]
+    async def jobs(offset: int = 0, limit: int = 100):
+        """Newest first, a page at a time; X-Total-Count says how many there are."""
+        if offset < 0 or not 1 <= limit <= 1000:
+            return problem(422, "offset must be 0 or more and limit between 1 and 1000")
+        page, total = store.page(offset, limit)
+        return JSONResponse([j.public() for j in page], headers={"X-Total-Count": str(total)})
 
     @app.get("/api/training/jobs/{job_id}")
     async def job(job_id: str):
         return store.get(job_id).public()
+
+    @app.delete("/api/training/jobs/{job_id}", status_code=204)
+    async def delete_job(job_id: str):
+        scheduler.delete(job_id)
 
     @app.get("/api/training/jobs/{job_id}/metrics")
     async def metrics(job_id: str):
@@ -158,9 +185,13 @@ def create_app(workspace: Path, token: Optional[str] = None, max_body: int = DEF
         return scheduler.stop(job_id).public()
 
     @app.post("/api/training/jobs/{job_id}/resume", status_code=202)
-    async def resume(job_id: str):
+    async def resume(job_id: str, request: Request):
+        """An optional body {"learning_rate": X} sets a new peak learning rate from the checkpoint on."""
         store.get(job_id)
-        return scheduler.resume(job_id).public()
+        options = await json_body(request, if_empty={})
+        if not isinstance(options, dict) or set(options) - {"learning_rate"}:
+            return problem(422, 'request body: send nothing or {"learning_rate": X}')
+        return scheduler.resume(job_id, options.get("learning_rate")).public()
 
     @app.get("/api/training/jobs/{job_id}/report")
     async def report(job_id: str):
@@ -170,6 +201,7 @@ def create_app(workspace: Path, token: Optional[str] = None, max_body: int = DEF
     async def evaluate(name: str, request: Request):
         run_dir, eval_request = await asyncio.to_thread(prepare_eval, await json_body(request), _plain(name), store)
         job = store.create_eval(run_dir, eval_request)
+        scheduler.notify()
         return {"id": job.id, "state": job.state, "run_name": job.run_name}
 
     @app.get("/api/adapters")
@@ -178,38 +210,38 @@ def create_app(workspace: Path, token: Optional[str] = None, max_body: int = DEF
 
     @app.get("/api/adapters/{name}")
     async def adapter(name: str):
-        return show(store.adapters, _plain(name))
+        return show(store.adapters, _plain(name), paths=False)
 
     @app.delete("/api/adapters/{name}")
     async def delete_adapter(name: str):
-        await asyncio.to_thread(remove_run, store, _plain(name))
+        await asyncio.to_thread(remove_run, store, in_workspace(name).name)
         return {"deleted": name}
 
     @app.post("/api/adapters/{name}/verify")
     async def verify_adapter(name: str):
-        return {"checked": await asyncio.to_thread(verify, store.adapters, _plain(name))}
+        return {"checked": await asyncio.to_thread(verify, store.adapters, str(in_workspace(name)))}
 
     @app.get("/api/adapters/{name}/metrics")
     async def adapter_metrics(name: str):
-        return RunDir(find(store.adapters, _plain(name))).metric_rows()
+        return RunDir(in_workspace(name)).metric_rows()
 
     @app.get("/api/adapters/{name}/config")
     async def adapter_config(name: str):
-        return parse_json_file(RunDir(find(store.adapters, _plain(name))).config, "run config")
+        return parse_json_file(RunDir(in_workspace(name)).config, "run config")
 
     @app.get("/api/adapters/{name}/plan")
     async def adapter_plan(name: str):
         from ..pipeline import load_run_config  # loads MLX (the plan reads the tokenizer), as validating does
         from ..plan import plan_run
 
-        config = load_run_config(find(store.adapters, _plain(name)))
+        config = load_run_config(in_workspace(name))
         return await asyncio.to_thread(plan_run, config, probe=False)
 
     @app.get("/api/adapters/{name}/export")
     async def export(name: str, format: str = "mlx"):
         if format not in SERVED_FORMATS:
             return problem(422, f"format: unknown format '{format}'; choose mlx, peft or gguf")
-        run_dir = find(store.adapters, _plain(name))
+        run_dir = in_workspace(name)
         scratch = Path(tempfile.mkdtemp(prefix="export-"))
         out = await asyncio.to_thread(export_adapter, run_dir, format, scratch / f"{run_dir.name}-{format}")
         archive = shutil.make_archive(str(scratch / f"{run_dir.name}-{format}"), "zip",
@@ -243,7 +275,9 @@ def dashboard_url(host: str, port: int, token: Optional[str], allow_hosts: Itera
 def bind(host: str, port: int) -> socket.socket:
     """The listening socket, bound before anything is printed, so a busy port is one clear line."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto named explicitly: asyncio sets TCP_NODELAY only on sockets whose proto says TCP, and
+    # without it every small answer waits 40 ms for the client's delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
@@ -255,13 +289,14 @@ def bind(host: str, port: int) -> socket.socket:
 
 
 def serve(host: str, port: int, workspace: Path, token: Optional[str], allow_remote: bool = False,
-          max_body: int = DEFAULT_MAX_BODY, allow_hosts: Iterable[str] = ()) -> None:
+          max_body: int = DEFAULT_MAX_BODY, allow_hosts: Iterable[str] = (),
+          keep_finished: int = DEFAULT_KEEP_FINISHED) -> None:
     import uvicorn
 
     check_bind(host, token, allow_remote)
     allow_hosts = tuple(allow_hosts)
     sock = bind(host, port)
-    app = create_app(workspace, token, max_body, host, allow_hosts)
+    app = create_app(workspace, token, max_body, host, allow_hosts, keep_finished)
     lines = [f"mlx-surgical serve: dashboard and API at {dashboard_url(host, port, token, allow_hosts)}",
              f"  workspace {Path(workspace).resolve()}",
              "  a token is required (Authorization: Bearer; the URL above carries it for the dashboard)" if token

@@ -7,7 +7,7 @@ from typing import Any
 
 from ..config import RUN_NAME_CHARS
 from ..data import check_records, read_records
-from ..errors import UserError
+from ..errors import Conflict, UserError
 from ..files import write_text_atomic
 from ..jobs import FINISHED, JobStore
 from ..registry import remove
@@ -49,5 +49,5 @@ def remove_run(store: JobStore, name: str) -> Path:
     """Delete a run's directory, unless a job is queued for it or training it."""
     for job in store.all():
         if job.run_name == name and job.state not in FINISHED:
-            raise UserError(f"adapter '{name}': job {job.id} is {job.state} on it; stop it first")
+            raise Conflict(f"adapter '{name}': job {job.id} is {job.state} on it; stop it first")
     return remove(store.adapters, name)

@@ -11,6 +11,7 @@ const REFRESH_MS = 15_000;
 export async function listRuns(signal) {
   const [jobs, adapters] = await Promise.all([api.get("/api/training/jobs", signal), api.get("/api/adapters", signal)]);
   const rows = new Map();
+  jobs.reverse(); // the API lists the newest first: walk oldest first, so a run's latest job wins
   jobs.forEach((job, queuePosition) => rows.set(job.run_name, { name: job.run_name, job, adapter: null, queuePosition }));
   for (const adapter of adapters) {
     const row = rows.get(adapter.name) || { name: adapter.name, job: null };

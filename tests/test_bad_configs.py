@@ -1,0 +1,136 @@
+"""Every way a config, its model or its output location can be wrong ends in one clear line from
+`validate` and the same from `train`: exit status 2, never a traceback."""
+
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from mlx_surgical.cli import cli
+from mlx_surgical.data import sample_path
+
+
+def write_config(tmp_path: Path, model, **sections) -> Path:
+    raw = {"model": {"path": str(model)}, "data": {"train": str(sample_path("train"))},
+           "training": {"iters": 2, "max_seq_length": 512}, "output": {"dir": str(tmp_path / "adapters")}}
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(raw))
+    return path
+
+
+def broken_model(tmp_path: Path, tiny_model: Path, damage) -> Path:
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    damage(model)
+    return model
+
+
+def nested(depth: int) -> str:
+    return '{"model": ' * depth + "1" + "}" * depth
+
+
+def cut(path: Path):
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+# name -> (build(tmp_path, tiny_model) -> config path, the words the error must contain)
+CASES = {
+    "model.path is a file": (lambda t, m: write_config(t, m / "config.json"), "config.json is a file"),
+    "model folder missing": (lambda t, m: write_config(t, "models/CodeLlama-7b-hf-4bit"),
+                             "models/CodeLlama-7b-hf-4bit does not exist"),
+    "model folder missing, hint": (lambda t, m: write_config(t, "./models/x"), "mlx-surgical convert <repo id>"),
+    "config.json malformed": (lambda t, m: write_config(t, broken_model(
+        t, m, lambda d: (d / "config.json").write_text('{"model_type": "llama",'))), "config.json:1:24: malformed JSON"),
+    "config.json not Llama": (lambda t, m: write_config(t, broken_model(
+        t, m, lambda d: (d / "config.json").write_text(json.dumps(
+            {**json.loads((d / "config.json").read_text()), "model_type": "gpt2"})))), "model_type is 'gpt2'"),
+    "config.json sizes": (lambda t, m: write_config(t, broken_model(
+        t, m, lambda d: (d / "config.json").write_text(json.dumps(
+            {**json.loads((d / "config.json").read_text()), "hidden_size": "wide"})))),
+        "hidden_size must be positive whole numbers"),
+    "weights empty": (lambda t, m: write_config(t, broken_model(
+        t, m, lambda d: (d / "model.safetensors").write_bytes(b""))), "model.safetensors: it is not a safetensors file"),
+    "weights truncated": (lambda t, m: write_config(t, broken_model(
+        t, m, lambda d: cut(d / "model.safetensors"))), "(truncated or damaged)"),
+    "weights missing": (lambda t, m: write_config(t, broken_model(
+        t, m, lambda d: (d / "model.safetensors").unlink())), "no weights (model*.safetensors)"),
+    "tokenizer missing": (lambda t, m: write_config(t, broken_model(
+        t, m, lambda d: [(d / n).unlink() for n in ("tokenizer.json", "tokenizer.model")])), "no tokenizer files"),
+    "seed negative": (lambda t, m: write_config(t, m, training={"seed": -1}), "training.seed: must be in [0, 2^64)"),
+    "seed too large": (lambda t, m: write_config(t, m, training={"seed": 2 ** 64}), "training.seed: must be in"),
+    "rank beyond int32": (lambda t, m: write_config(t, m, lora={"rank": 2 ** 31 + 1}), "lora.rank: must be below 2^31"),
+    "rank beyond the model": (lambda t, m: write_config(t, m, lora={"rank": 100}),
+                              "lora.rank: 100 exceeds the smallest adapted projection"),
+    "iters as a float": (lambda t, m: write_config(t, m, training={"iters": 1e30}), "training.iters: expected an integer"),
+    "iters huge": (lambda t, m: write_config(t, m, training={"iters": 10 ** 30}), "training.iters: must be below 2^31"),
+    "learning rate infinite": (lambda t, m: write_config(t, m, training={"learning_rate": float("inf")}),
+                               "training.learning_rate: must be a finite number"),
+    "layers beyond the model": (lambda t, m: write_config(t, m, lora={"layers": 5}),
+                                "lora.layers: 5, but"),
+    "nested 100,000 deep": (lambda t, m: (t / "deep.json").write_text(nested(100_000)) and t / "deep.json",
+                            "JSON nested too deeply"),
+    "output under a file": (lambda t, m: (t / "file").write_text("") or write_config(t, m, output={"dir": str(t / "file" / "runs")}),
+                            "output.dir:"),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("command", ["validate", "train"])
+def test_a_bad_config_is_one_clear_line(tiny_model, tmp_path, case, command):
+    build, words = CASES[case]
+    config = build(tmp_path, tiny_model)
+    result = CliRunner().invoke(cli, [command, str(config)] + (["--no-progress"] if command == "train" else []))
+    assert result.exit_code == 2, (result.output, result.exception)
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert any(words in line for line in errors), result.output
+    assert not (tmp_path / "adapters").exists() or not any((tmp_path / "adapters").iterdir())
+
+
+def test_a_full_disk_is_one_clear_line(tiny_model, tmp_path):
+    """The file size limit makes every write past 32 KB fail, as a full disk does."""
+    config = write_config(tmp_path, tiny_model, training={"iters": 4, "save_every": 2})  # a 48 KB optimizer state
+    script = textwrap.dedent(f"""
+        import resource, signal
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (32 * 1024, {resource.RLIM_INFINITY}))
+        from mlx_surgical.cli import cli
+        cli(["train", "--no-progress", {str(config)!r}])
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stderr
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert "optimizer.safetensors" not in line and "update-0000002: cannot be written (" in line
+    assert "File too large" in line and "check free space and permissions there" in line
+    assert "Traceback" not in result.stderr
+
+
+def test_the_tokenizers_length_warning_does_not_leak(tiny_model, tmp_path):
+    model = broken_model(tmp_path, tiny_model, lambda d: (d / "tokenizer_config.json").write_text(json.dumps(
+        {**json.loads((d / "tokenizer_config.json").read_text()), "model_max_length": 8})))
+    config = write_config(tmp_path, model)
+    result = subprocess.run([sys.executable, "-m", "mlx_surgical", "validate", str(config)], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "Token indices sequence length" not in result.stdout + result.stderr
+
+
+def test_export_of_a_damaged_adapter_is_one_clear_line(trained_run, tmp_path):
+    damaged = tmp_path / "damaged"
+    shutil.copytree(trained_run, damaged)
+    cut(damaged / "adapters.safetensors")
+    result = CliRunner().invoke(cli, ["export", str(damaged), "--format", "peft"])
+    assert result.exit_code == 2 and "adapters.safetensors: cannot be read" in result.output
+    shutil.copy(trained_run / "adapters.safetensors", damaged / "adapters.safetensors")
+    config = json.loads((damaged / "adapter_config.json").read_text())
+    config["base_model"]["config"]["hidden_size"] = "wide"
+    (damaged / "adapter_config.json").write_text(json.dumps(config))
+    result = CliRunner().invoke(cli, ["export", str(damaged), "--format", "gguf"])
+    assert result.exit_code == 2 and "not a LoRA adapter config mlx_surgical can read" in result.output
