@@ -305,9 +305,6 @@ def prepare_config(raw: dict, store: JobStore) -> tuple[RunConfig, list[str]]:
     config.output.dir = str(store.adapters)
     if config.output.name is None:
         config.output.name = f"run-{datetime.now().strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
-    taken = {j.run_name for j in store.all() if j.state not in FINISHED}
-    if (store.adapters / config.output.name).exists() or config.output.name in taken:
-        raise UserError(f"config: output.name: a run named '{config.output.name}' already exists; choose another name")
     store.check_name(config.output.name)  # early, for validate; create() takes the name for good
     model = Path(config.model.path)
     if not model.is_absolute() and (store.workspace / model).exists():

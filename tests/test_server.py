@@ -172,7 +172,7 @@ def test_bad_requests_are_refused_with_every_problem(start_server, tiny_model, t
         first = client.post("/api/training/start", json=job_config(tiny_model, "taken", iters=2))
         assert first.status_code == 202
         clash = client.post("/api/training/start", json=job_config(tiny_model, "taken", iters=2))
-        assert clash.status_code == 409 and "already exists" in clash.json()["problems"][0]
+        assert clash.status_code == 409 and "already exists" in clash.json()["problems"][0], clash.text
         wait_for(client, first.json()["id"], lambda j: j["state"] == "succeeded")
 
 
