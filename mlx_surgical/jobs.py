@@ -403,7 +403,7 @@ class Scheduler:
             if self.active:
                 self.active[2].send_signal(signal.SIGINT)
         self._thread.join(timeout=5)
-        self._claim.release()
+        self._claim.release(delete=True)
 
     @property
     def busy(self) -> bool:

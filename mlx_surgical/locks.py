@@ -76,7 +76,8 @@ class FileLock:
         return self
 
     def release(self, delete: bool = False) -> None:
-        """Let go; with delete=True the file goes too (only for a directory that is removed)."""
+        """Let go; with delete=True the file goes too. That is safe: a process that opened the
+        file before it went sees, once it holds the lock, that the path no longer names it."""
         if self.fd is None:
             return
         if delete:

@@ -254,11 +254,9 @@ class RunClaim:
     created: bool  # this process made the directory (and removes it if it then writes nothing)
 
     def release(self) -> None:
+        self.lock.release(delete=True)  # a finished run keeps no lock file (locks.py makes this safe)
         if self.created and not self.run.contents():
-            self.lock.release(delete=True)
             shutil.rmtree(self.run.path, ignore_errors=True)
-        else:
-            self.lock.release()
 
 
 def claim_run(run_dir: Path, new: bool) -> RunClaim:

@@ -260,6 +260,7 @@ def test_a_second_writer_is_refused_with_the_holders_pid_and_a_dead_ones_lock_is
     taken_over = CliRunner().invoke(cli, ["train", "--no-progress", "--resume", str(run.path)])
     assert taken_over.exit_code == 0, taken_over.output
     assert "resuming" in taken_over.output and RunInfo.load(run.path).status == "succeeded"
+    assert not run.lock.exists()  # a run that ended keeps no lock file
     with pytest.raises(Conflict, match="already exists"):  # a finished run is never started over
         train_run(config, **QUIET)
 
