@@ -11,10 +11,10 @@ Metal and CUDA the model's own forward with MLX's fused kernels always runs.
 """
 
 import hashlib
-import json
+import statistics
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import mlx.core as mx
 
@@ -25,9 +25,9 @@ from .shape import ModelShape
 from .train import compiled_grad_step
 
 CHOICES_FILE = "cpu_paths.json"
-TIMED_STEPS = 3
-# A candidate whose first timed step is this many times slower than the best so far is not
-# timed further: MLX's quantized_matmul on the CPU can take a minute per step on a large model.
+TIMED_ROUNDS = 5
+# A candidate whose median step is this many times slower than the best is not timed further:
+# MLX's quantized_matmul on the CPU can take many seconds per step on a large model.
 GIVE_UP_FACTOR = 3.0
 
 
@@ -75,23 +75,29 @@ def candidates(model, fast_math: str, dequantize: str) -> list[ComputePath]:
     return [ComputePath(m, d) for d in dequant_options for m in math_options]
 
 
-def seconds_per_step(model, loss_for: Callable[[ComputePath], Callable], path: ComputePath, batches: list,
-                     give_up_after: Optional[float]) -> float:
-    """Mean seconds of a compiled forward + backward micro-step on these batches, after one
-    warm-up step per batch shape (which pays for tracing and compiling)."""
-    set_dequantized_matmuls(model, path.dequantize)
-    step = compiled_grad_step(model, loss_for(path), [model.state, mx.random.state])
+def seconds_per_step(model, loss_for: Callable[[ComputePath], Callable], options: list[ComputePath],
+                     batches: list) -> dict[ComputePath, float]:
+    """Median seconds of a compiled forward + backward micro-step for each candidate. Every
+    candidate is traced and warmed on every batch shape first (which pays for compiling), then
+    the candidates are timed in turn, round after round, so a change in the machine's load
+    (other programs, a shared host) falls on all of them alike."""
     inputs = [list(map(mx.array, b.loss_inputs())) for b in batches]
-    for batch in inputs:
-        mx.eval(step(*batch))
-    times = []
-    for i in range(TIMED_STEPS):
-        tic = time.perf_counter()
-        mx.eval(step(*inputs[i % len(inputs)]))
-        times.append(time.perf_counter() - tic)
-        if give_up_after is not None and times[0] > give_up_after:
-            break
-    return sum(times) / len(times)
+    steps = {}
+    for path in options:
+        # The layers' matmul path is read when the step is traced, so each trace keeps its own.
+        set_dequantized_matmuls(model, path.dequantize)
+        steps[path] = compiled_grad_step(model, loss_for(path), [model.state, mx.random.state])
+        for batch in inputs:
+            mx.eval(steps[path](*batch))
+    times: dict[ComputePath, list[float]] = {path: [] for path in options}
+    for i in range(TIMED_ROUNDS):
+        for path, step in steps.items():
+            tic = time.perf_counter()
+            mx.eval(step(*inputs[i % len(inputs)]))
+            times[path].append(time.perf_counter() - tic)
+        best = min(statistics.median(t) for t in times.values())
+        steps = {p: s for p, s in steps.items() if statistics.median(times[p]) <= GIVE_UP_FACTOR * best}
+    return {path: statistics.median(t) for path, t in times.items()}
 
 
 def choose_path(model, shape: ModelShape, dtype: str, grad_checkpoint: bool, fast_math: str, dequantize: str,
@@ -109,11 +115,7 @@ def choose_path(model, shape: ModelShape, dtype: str, grad_checkpoint: bool, fas
         choice = PathChoice(ComputePath(**cached["path"]), "cached", cached["seconds_per_step"])
     else:
         log(f"measuring {len(options)} compute paths on this CPU ({cpu_description()}); once per model shape")
-        timings = {}
-        for path in options:
-            best = min(timings.values(), default=None)
-            timings[path] = seconds_per_step(model, loss_for, path, batches,
-                                             GIVE_UP_FACTOR * best if best is not None else None)
+        timings = seconds_per_step(model, loss_for, options, batches)
         fastest = min(timings, key=timings.get)
         choice = PathChoice(fastest, "measured", {p.describe(): s for p, s in timings.items()})
         choices = cached_choices()
