@@ -1,18 +1,12 @@
 // Adapters: the registry of run directories, with verify and delete (after confirmation).
 
 import { api, ApiError } from "./api.js";
-import { bytes, fill, fixed, h, integer, problemList, stateBadge, when } from "./util.js";
+import { bytes, fill, fixed, h, integer, problemList, stateBadge, tableCard, when } from "./util.js";
 
 export async function adaptersView(main, { signal }) {
-  const body = h("tbody");
   const empty = h("p.muted", "No adapters yet.");
-  fill(main, h("section.card",
-    h("h2", "Adapters"),
-    h("table.adapters#adapters-table",
-      h("thead", h("tr", ["Name", "Status", "Base model", "Trainable", "Size", "Best val loss", "Created", ""]
-        .map((t) => h("th", t)))),
-      body),
-    empty));
+  const body = tableCard(main, "Adapters", "table.adapters#adapters-table",
+    ["Name", "Status", "Base model", "Trainable", "Size", "Best val loss", "Created", ""], empty);
 
   async function load() {
     const adapters = await api.get("/api/adapters", signal);

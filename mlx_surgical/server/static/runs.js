@@ -3,7 +3,7 @@
 // that job ends and every 15 s while the tab is shown.
 
 import { api, streamEvents } from "./api.js";
-import { ACTIVE, duration, fill, fixed, h, integer, progressBar, refreshHealth, stateBadge, when } from "./util.js";
+import { ACTIVE, duration, fill, fixed, h, integer, progressBar, refreshHealth, stateBadge, tableCard, when } from "./util.js";
 
 const REFRESH_MS = 15_000;
 
@@ -26,15 +26,9 @@ function created(row) {
 }
 
 export async function runsView(main, { signal }) {
-  const body = h("tbody");
   const empty = h("p.muted", "No runs yet: start one from ", h("a", { href: "#/new" }, "New run"), ".");
-  fill(main, h("section.card",
-    h("h2", "Runs"),
-    h("table.runs#runs-table",
-      h("thead", h("tr", ["Run", "State", "Progress", "Loss", "Val loss", "Tokens/s", "ETA", "Created"]
-        .map((t) => h("th", t)))),
-      body),
-    empty));
+  const body = tableCard(main, "Runs", "table.runs#runs-table",
+    ["Run", "State", "Progress", "Loss", "Val loss", "Tokens/s", "ETA", "Created"], empty);
 
   let following = null; // the job id whose events update its row
   const rowsByJob = new Map();

@@ -31,6 +31,16 @@ function append(el, children) {
   }
 }
 
+/** A card holding a titled table; rows go into the returned tbody, `empty` shows when there are none. */
+export function tableCard(main, title, tableSelector, headers, empty) {
+  const body = h("tbody");
+  fill(main, h("section.card",
+    h("h2", title),
+    h(tableSelector, h("thead", h("tr", headers.map((t) => h("th", t)))), body),
+    empty));
+  return body;
+}
+
 export function fill(el, ...children) {
   el.replaceChildren();
   append(el, children);
