@@ -13,9 +13,11 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
+from .data import SAMPLE_SPLITS, sample_path
 from .errors import UserError, parse_user_json, read_user_text
 from .files import write_json_atomic
 from .shape import PROJECTION_PATHS
@@ -335,8 +337,6 @@ BUNDLED_PREFIX = "bundled:"  # "bundled:train" names a split of the sample data 
 def resolve_data_path(value: str, base_dir: str | Path, where: str) -> str:
     """A data file as named in a config or on the command line: bundled:SPLIT, or a path taken
     from base_dir when relative."""
-    from .data import SAMPLE_SPLITS, sample_path
-
     if value.startswith(BUNDLED_PREFIX):
         split = value[len(BUNDLED_PREFIX):]
         if split not in SAMPLE_SPLITS:
@@ -357,8 +357,6 @@ def resolve_data_paths(config: RunConfig, base_dir: str | Path) -> RunConfig:
 
 def preset_path(name: str) -> Path:
     """A preset shipped with the package (the files in the repository's configs/)."""
-    from importlib import resources
-
     path = Path(str(resources.files("mlx_surgical.presets") / f"{name}.json"))
     if not path.exists():
         raise UserError(f"preset '{name}' not found; presets: " + ", ".join(preset_names()))
@@ -366,8 +364,6 @@ def preset_path(name: str) -> Path:
 
 
 def preset_names() -> list[str]:
-    from importlib import resources
-
     return sorted(Path(str(p)).stem for p in resources.files("mlx_surgical.presets").iterdir()
                   if str(p).endswith(".json"))
 

@@ -12,6 +12,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import sentencepiece as spm
+from safetensors.numpy import save_file
+from transformers import AutoTokenizer
 
 from .data import bundled_texts
 from .errors import UserError
@@ -111,8 +114,6 @@ def random_weights(shape: TinyShape, seed: int) -> dict[str, np.ndarray]:
 def train_sentencepiece(vocab_size: int) -> bytes:
     """A byte-fallback BPE SentencePiece model with Llama's special ids, trained single-threaded
     so the same text always yields the same bytes."""
-    import sentencepiece as spm
-
     buffer = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(bundled_texts()),
@@ -162,9 +163,6 @@ QUICKSTART_SHAPE = TinyShape(layers=6, hidden_size=256, intermediate_size=768, h
 def build_tiny_model(out_dir: str | Path, shape: TinyShape = TinyShape(), seed: int = 0) -> Path:
     """Write config.json, model.safetensors, tokenizer.model, tokenizer.json and the tokenizer
     configs into out_dir, loadable by mlx_lm.load and by transformers."""
-    from safetensors.numpy import save_file
-    from transformers import AutoTokenizer
-
     _check(shape)
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
