@@ -20,7 +20,7 @@ from .console import counted, working
 from .data import PromptFormat, encode_records, padded_length, split_records
 from .errors import UserError
 from .forward import on_cpu_backend
-from .loss import LOSS_CHUNK_ELEMENTS
+from .loss import loss_chunk_rows
 from .model import is_local, load_tokenizer, model_shape
 from .pipeline import train_run
 from .rundir import RunDir
@@ -92,7 +92,7 @@ def activation_bytes(shape: ModelShape, tokens_per_batch: int, seq_len: int, bat
     attention = scores * 4 if cpu_math else 2 * scores * dtype_bytes
     transient = 6 * scores * 4 if cpu_math else 0
     per_layer = tokens_per_batch * per_token_layer + attention
-    logits = 5 * min(tokens_per_batch * shape.vocab_size, LOSS_CHUNK_ELEMENTS) * 4
+    logits = 5 * min(tokens_per_batch, loss_chunk_rows(shape.vocab_size)) * shape.vocab_size * 4
     if checkpointing:
         return int(shape.num_layers * tokens_per_batch * h * dtype_bytes + per_layer + logits + transient)
     return int(shape.num_layers * per_layer + logits + transient)
