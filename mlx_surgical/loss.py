@@ -54,9 +54,7 @@ def _chunk_cross_entropy(head, exp):
         total = e.sum(axis=-1, keepdims=True)
         column = targets[:, None]
         loss = ((mx.log(total) - mx.take_along_axis(shifted, column, axis=-1))[:, 0] * weights).sum()
-        # Without the dependency mx.compile fuses the exponential into the division as well and
-        # computes it twice: the whole chunk's softmax took 2x as long.
-        probs = mx.depends(e, total) / total
+        probs = e / total
         dlogits = mx.put_along_axis(probs, column, mx.take_along_axis(probs, column, axis=-1) - 1.0, axis=-1)
         _, (grad_hidden,) = mx.vjp(head, [hidden], [(dlogits * weights[:, None]).astype(hidden.dtype)])
         return loss, grad_hidden
