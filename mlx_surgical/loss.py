@@ -67,9 +67,8 @@ def _chunk_cross_entropy(head, exp):
     return chunk
 
 
-def response_cross_entropy(model, inputs, targets, loss_index, loss_weight, fast_math: bool = False,
-                           grad_checkpoint: bool = False):
-    hidden = hidden_states(model, inputs, fast_math, grad_checkpoint)
+def learned_cross_entropy(model, hidden, targets, loss_index, loss_weight, fast_math: bool = False):
+    """The summed loss of the learned positions from final-norm hidden states (batch, length, hidden)."""
     hidden = hidden.reshape(-1, hidden.shape[-1])[loss_index]
     learned = targets.reshape(-1)[loss_index]
     chunk = _chunk_cross_entropy(output_head(model), fast_exp if fast_math else mx.exp)
@@ -81,7 +80,13 @@ def response_cross_entropy(model, inputs, targets, loss_index, loss_weight, fast
         # previous chunk's loss keeps one chunk's logits alive at a time.
         chunk_hidden = mx.depends(hidden[rows], total) if start else hidden[rows]
         total = total + chunk(chunk_hidden, learned[rows], loss_weight[rows])[0]
-    return total, loss_weight.sum()
+    return total
+
+
+def response_cross_entropy(model, inputs, targets, loss_index, loss_weight, fast_math: bool = False,
+                           grad_checkpoint: bool = False):
+    hidden = hidden_states(model, inputs, fast_math, grad_checkpoint)
+    return learned_cross_entropy(model, hidden, targets, loss_index, loss_weight, fast_math), loss_weight.sum()
 
 
 def training_loss(model, grad_checkpoint: bool = False, fast_math: bool = False):

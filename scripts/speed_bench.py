@@ -1,7 +1,7 @@
 """Training speed side by side: mlx_surgical, mlx_lm.lora and PyTorch + PEFT on the same CPU.
 
 Run as:
-    python scripts/speed_bench.py [--model small|smollm2|tiny] [--updates 30]
+    python scripts/speed_bench.py [--model small|smollm2|tiny] [--updates N] [--rounds 1]
 
 Builds the model with the package's factory ("small": hidden 512, 8 layers, 8 heads,
 intermediate 1376, vocab 32016, tied embeddings, 41.7M parameters; "smollm2": the shape of
@@ -10,12 +10,13 @@ with random weights, which train at the same speed as real ones), formats the bu
 instruction pairs as CodeLlama prompts, and trains the same number of optimizer updates with
 the same settings in each system: float32, LoRA rank 8 / alpha 16 / dropout 0.05 on q/k/v of
 every layer, batch 1 x 4 accumulation, AdamW at 1e-4. The first two updates (compilation,
-warm-up) are timed separately; 2 + 30 updates take every system through all 116 examples at
+warm-up) are timed separately; 2 + 30 updates take every system through all 104 examples at
 least once, so the peak memory of each includes the longest example. Peak memory is shown
 twice: the process's resident memory, and for the MLX systems the peak MLX itself allocated.
 Each system runs in its own process: both MLX ones with OpenBLAS preloaded (mlx_surgical does
 that by itself), PyTorch + PEFT (when torch, transformers and peft import) with its own BLAS
-and nothing preloaded.
+and nothing preloaded. With --rounds N the three systems take turns N times and each is shown by
+its median round, as a shared machine's speed drifts by 10-20% over minutes.
 
 Two more mlx_surgical rows: the same model converted to 4 bits (QLoRA; its frozen matmuls take
 the path tuning.py measures fastest), and a first run on a machine, with MLX's kernel cache
@@ -28,6 +29,7 @@ import importlib.util
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -42,16 +44,12 @@ from mlx_surgical.backend import CACHE_ENV, cpu_description, describe, measure_s
 from mlx_surgical.config import config_from_dict, save_config  # noqa: E402
 from mlx_surgical.data import PromptFormat, read_records, sample_path, to_messages  # noqa: E402
 from mlx_surgical.rundir import RunDir, RunInfo  # noqa: E402
-from mlx_surgical.tiny import TinyShape, build_tiny_model  # noqa: E402
+from mlx_surgical.tiny import BENCHMARK_SHAPES, build_tiny_model  # noqa: E402
 
-MODELS = {
-    "small": TinyShape(layers=8, hidden_size=512, intermediate_size=1376, heads=8, kv_heads=8, vocab_size=32016,
-                       tie_embeddings=True),
-    "smollm2": TinyShape(layers=30, hidden_size=576, intermediate_size=1536, heads=9, kv_heads=3, vocab_size=49152,
-                         tie_embeddings=True),
-    "tiny": TinyShape(),  # 2 layers, hidden 64: per-step overhead dominates
-}
 FIVE_MINUTES = 300
+# "tiny" does 30 updates in about a second, so one-time work (a trace for each new batch shape,
+# about 40 shapes in the bundled data) would be most of what is timed; it runs 300.
+DEFAULT_UPDATES = {"small": 30, "smollm2": 30, "tiny": 300}
 WARMUP_UPDATES, ACCUM, LR, MAX_LEN = 2, 4, 1e-4, 512
 MLX_PEAK = "MLX peak memory GB:"
 # mlx_lm.lora as its console script runs it, then the peak of memory MLX allocated, which its
@@ -172,13 +170,22 @@ def bench_torch(model_dir: Path, updates: int) -> dict:
             "warmup_seconds": sum(seconds[:WARMUP_UPDATES])}
 
 
+def median_round(runs: list[dict]) -> dict:
+    """A system's figures from its median-speed round, with every round's speed."""
+    speeds = [r["tokens_per_second"] for r in runs]
+    middle = sorted(runs, key=lambda r: r["tokens_per_second"])[(len(runs) - 1) // 2]
+    return {**middle, "tokens_per_second": statistics.median(speeds), "rounds": speeds}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=list(MODELS), default="small")
-    parser.add_argument("--updates", type=int, default=30)
+    parser.add_argument("--model", choices=list(BENCHMARK_SHAPES), default="small")
+    parser.add_argument("--updates", type=int, help="timed updates (default: 30, 300 for tiny)")
+    parser.add_argument("--rounds", type=int, default=1, help="runs of each system, in turn; the median is shown")
     parser.add_argument("--torch-only", type=Path, help=argparse.SUPPRESS)  # the PyTorch process
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.updates = args.updates or DEFAULT_UPDATES[args.model]
     if args.torch_only:
         args.out.write_text(json.dumps(bench_torch(args.torch_only, args.updates)))
         return
@@ -191,19 +198,28 @@ def main():
     print(f"cpu: {cpu_description()}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        model_dir = build_tiny_model(work / "model", MODELS[args.model])
+        model_dir = build_tiny_model(work / "model", BENCHMARK_SHAPES[args.model])
         quantized_dir = convert_model(str(model_dir), work / "model-4bit", bits=4, group_size=64, dtype="float32")
         tokenizer = load_tokenizer(str(model_dir))
         texts = [tokenizer.decode(ids[:MAX_LEN]) for ids, _ in examples(model_dir)]
         results = {"mlx_surgical, first run": bench_mlx_surgical(model_dir, args.updates, work, "cold",
-                                                                  cold_environment(work)),
-                   "mlx_surgical": bench_mlx_surgical(model_dir, args.updates, work),
-                   "mlx_surgical 4-bit": bench_mlx_surgical(quantized_dir, args.updates, work, "q4"),
-                   "mlx_lm.lora": bench_mlx_lm(model_dir, args.updates, work, texts)}
+                                                                  cold_environment(work))}
+        peers = {"mlx_surgical": lambda out: bench_mlx_surgical(model_dir, args.updates, out),
+                 "mlx_lm.lora": lambda out: bench_mlx_lm(model_dir, args.updates, out, texts)}
         if all(importlib.util.find_spec(m) for m in ("torch", "transformers", "peft")):
-            results["PyTorch + PEFT"] = bench_torch_in_subprocess(model_dir, args.updates, work)
+            peers["PyTorch + PEFT"] = lambda out: bench_torch_in_subprocess(model_dir, args.updates, out)
         else:
             print("PyTorch + PEFT skipped: torch, transformers or peft is not installed")
+        # The systems take turns, round after round, so a change in the machine's speed (a shared
+        # host) falls on all of them; each is reported by its median round.
+        rounds = {name: [] for name in peers}
+        for i in range(args.rounds):
+            for name, run in peers.items():
+                out = work / f"round{i}-{name.replace(' ', '')}"
+                out.mkdir()
+                rounds[name].append(run(out))
+        results.update({name: median_round(runs) for name, runs in rounds.items()})
+        results["mlx_surgical 4-bit"] = bench_mlx_surgical(quantized_dir, args.updates, work, "q4")
         params = sum(v.size for _, v in tree_flatten(load(str(model_dir))[0].parameters()))
     gflops = max(measure_sgemm_gflops(1024, 10) for _ in range(3))  # best of three: the machine is shared
     ceiling = gflops * 1e9 / (4 * params)  # forward + input-gradient backward, frozen weights
@@ -218,8 +234,9 @@ def main():
         warm = f"{r['warmup_seconds']:.1f}" if r["warmup_seconds"] is not None else "-"
         peak = f"{r['peak_memory_gb']:.2f}" if r["peak_memory_gb"] is not None else "-"
         mlx_peak = f"{r['mlx_peak_gb']:.3f}" if "mlx_peak_gb" in r else "-"
+        each = " (rounds: " + ", ".join(f"{v:.0f}" for v in r["rounds"]) + ")" if len(r.get("rounds", [])) > 1 else ""
         print(f"{name:<24} {r['tokens_per_second']:>9.0f} {base / r['tokens_per_second']:>10.2f} "
-              f"{r['tokens_per_second'] / ceiling:>11.0%} {warm:>10} {peak:>8} {mlx_peak:>12}")
+              f"{r['tokens_per_second'] / ceiling:>11.0%} {warm:>10} {peak:>8} {mlx_peak:>12}{each}")
     cold, warm_run = results["mlx_surgical, first run"], results["mlx_surgical"]
     extra = cold["wall_seconds"] - warm_run["wall_seconds"]
     print(f"{results['mlx_surgical']['compute_path']}; 4-bit {results['mlx_surgical 4-bit']['compute_path']}")
