@@ -1,10 +1,13 @@
 """The main job end to end, as a newcomer runs it (with a shorter schedule)."""
 
 import json
+import re
 import signal
 import subprocess
 import sys
 import time
+
+import pytest
 
 from mlx_surgical.console import resume_command
 
@@ -55,3 +58,18 @@ def test_ctrl_c_in_the_quickstart_saves_and_says_how_to_resume(tmp_path):
     assert "stopping after this update, saving a checkpoint (press again to abort)" in out
     assert out.rstrip().endswith(f"checkpoint saved. Continue with: {resume_command(run_dir)}")
     assert json.loads((run_dir / "run.json").read_text())["status"] == "interrupted"
+
+
+@pytest.mark.slow
+def test_the_shipped_quickstart_keeps_the_readmes_promise(tmp_path):
+    """The quickstart as a newcomer runs it, full schedule: the training loss at least halves and
+    the adapted model answers in the trained form, while the random base does not."""
+    proc = subprocess.run([sys.executable, "-m", "mlx_surgical", "quickstart", "--no-progress"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    first, recent = map(float, re.search(r"training loss ([\d.]+) at the first update -> ([\d.]+) over the last",
+                                         proc.stdout).groups())
+    assert recent <= first / 2, proc.stdout
+    lines = proc.stdout.splitlines()
+    assert lines[lines.index("base + adapter:") + 1] == "  Here is the function:"
+    assert not lines[lines.index("base model:") + 1].startswith("  Here is")
