@@ -46,24 +46,36 @@ def fast_exp(x: mx.array) -> mx.array:
     return mantissa * two_to_n
 
 
+def _grouped(q: mx.array, kv_heads: int) -> mx.array:
+    """(batch, heads, length, dim) as (batch, kv_heads, heads_per_kv * length, dim): the query
+    heads that share a key/value head side by side, so one matmul serves the group and grouped-
+    query attention needs no repeated copies of k and v."""
+    B, H, L, D = q.shape
+    return q.reshape(B, kv_heads, (H // kv_heads) * L, D)
+
+
 @mx.custom_function
 def causal_attention(q: mx.array, k: mx.array, v: mx.array, mask: mx.array):
-    """softmax(q k^T + mask) v for float32 (batch, heads, length, head_dim) inputs, q already
-    scaled; also returns the probabilities, which the VJP needs and nothing else does."""
-    scores = q @ k.swapaxes(-1, -2) + mask
+    """softmax(q k^T + mask) v for float32 inputs, q (batch, heads, length, head_dim) already
+    scaled, k and v (batch, kv_heads, length, head_dim) with kv_heads dividing heads; also
+    returns the probabilities (grouped as _grouped lays them out), which the VJP needs."""
+    B, H, L, D = q.shape
+    G = k.shape[1]
+    scores = (_grouped(q, G) @ k.swapaxes(-1, -2)).reshape(B, G, H // G, L, L) + mask
     e = fast_exp(scores - scores.max(axis=-1, keepdims=True))
-    probs = e / e.sum(axis=-1, keepdims=True)
-    return probs @ v, probs
+    probs = (e / e.sum(axis=-1, keepdims=True)).reshape(B, G, (H // G) * L, L)
+    return (probs @ v).reshape(B, H, L, D), probs
 
 
 @causal_attention.vjp
 def _causal_attention_vjp(primals, cotangents, outputs):
     q, k, v, mask = primals
-    grad_out, probs = cotangents[0], outputs[1]
+    G = k.shape[1]
+    grad_out, probs = _grouped(cotangents[0], G), outputs[1]
     grad_probs = grad_out @ v.swapaxes(-1, -2)
     grad_scores = probs * (grad_probs - (grad_probs * probs).sum(axis=-1, keepdims=True))
-    return (grad_scores @ k, grad_scores.swapaxes(-1, -2) @ q, probs.swapaxes(-1, -2) @ grad_out,
-            mx.zeros_like(mask))
+    return ((grad_scores @ k).reshape(q.shape), grad_scores.swapaxes(-1, -2) @ _grouped(q, G),
+            probs.swapaxes(-1, -2) @ grad_out, mx.zeros_like(mask))
 
 
 @mx.custom_function
@@ -145,9 +157,6 @@ def _attention(attn, x: mx.array, mask: mx.array) -> mx.array:
     k = attn.k_proj(x).reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
     v = attn.v_proj(x).reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
     q, k = attn.rope(q), attn.rope(k)
-    if attn.n_heads != attn.n_kv_heads:
-        repeats = attn.n_heads // attn.n_kv_heads
-        k, v = mx.repeat(k, repeats, axis=1), mx.repeat(v, repeats, axis=1)
     f32 = lambda a: a.astype(mx.float32)  # noqa: E731
     out = causal_attention(f32(q * attn.scale), f32(k), f32(v), mask)[0].astype(x.dtype)
     return attn.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))

@@ -110,14 +110,12 @@ def main():
 
     layer = model.model.layers[0]
     attn, mlp = layer.self_attn, layer.mlp
-    repeats = shape.heads // shape.kv_heads
     frozen = [attn.q_proj.linear, attn.k_proj.linear, attn.v_proj.linear, attn.o_proj, mlp.gate_proj, mlp.up_proj]
 
     def projections(x, wide):
         return sum(p(x).sum() for p in frozen) + mlp.down_proj(wide).sum()
 
     def fast_attention(q, k, v):
-        k, v = mx.repeat(k, repeats, axis=1), mx.repeat(v, repeats, axis=1)
         return forward.causal_attention(q, k, v, mask)[0]
 
     def mlx_attention(q, k, v):
