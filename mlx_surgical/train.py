@@ -188,7 +188,9 @@ def train(model, optimizer, loss_fn: Callable, batch_at: Callable[[int], Batch],
             grads = g if grads is None else tree_map(mx.add, grads, g)
             loss_total, tok_total = loss_total + loss_sum, tok_total + ntoks
             tokens += batch.tokens
-            mx.eval(grads, loss_total, tok_total)
+            # Not waiting here lets Python build the next micro-batch's graph while this one
+            # computes: 206 -> 213 tokens/s on SmolLM2's shape (AMD Zen 5), same numbers.
+            mx.async_eval(grads, loss_total, tok_total)
         loss_total, tok_total = across_ranks(loss_total, mx.cpu), across_ranks(tok_total, mx.cpu)
         tokens = int(across_ranks(mx.array(tokens), mx.cpu).item())
         loss = (loss_total / mx.maximum(tok_total, 1)).item()

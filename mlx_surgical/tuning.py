@@ -6,7 +6,7 @@ MLX's own ops on an AMD Zen 5, equal on a Zen 3 and 2.9x slower on an Intel Sapp
 and a quantized base's matmuls can run as MLX's quantized_matmul or as dequantize + float
 matmul. So the first run of a model shape on a machine times a few real training steps of
 each candidate on the run's own batches, keeps the fastest, and caches the choice (with the
-measured rates, which `mlx-surgical doctor` shows) per CPU, MLX version and model shape. On
+measured rates, which `mlx-surgical doctor` shows) per CPU, BLAS, MLX version and model shape. On
 Metal and CUDA the model's own forward with MLX's fused kernels always runs.
 """
 
@@ -18,7 +18,7 @@ from typing import Callable
 
 import mlx.core as mx
 
-from .backend import cache_dir, cpu_description
+from .backend import cache_dir, cpu_description, describe
 from .files import read_json_or_empty, write_json_atomic
 from .forward import on_cpu_backend, quantized_layers, set_dequantized_matmuls
 from .shape import ModelShape
@@ -58,7 +58,9 @@ def describe_rates(seconds_per_step: dict) -> str:
 
 
 def choice_key(shape: ModelShape, dtype: str, grad_checkpoint: bool) -> str:
-    parts = [cpu_description(), mx.__version__, shape.fingerprint(), str(shape.quant_bits), dtype, str(grad_checkpoint)]
+    # The BLAS and its kernel set count too: faster matmuls shift the balance between the paths.
+    parts = [cpu_description(), describe()["blas"], mx.__version__, shape.fingerprint(), str(shape.quant_bits), dtype,
+             str(grad_checkpoint)]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
