@@ -49,14 +49,19 @@ def _chunk_cross_entropy(head, exp):
     @mx.custom_function
     def chunk(hidden, targets, weights):
         logits = head(hidden).astype(mx.float32)
-        shifted = logits - mx.stop_gradient(logits.max(axis=-1, keepdims=True))
-        e = exp(shifted)
+        top = logits.max(axis=-1, keepdims=True)
+        # Every vocab-wide pass costs: the shifted logits and the probabilities are never stored,
+        # only the exponentials, and the weights are folded into one factor per row.
+        e = exp(logits - top)
         total = e.sum(axis=-1, keepdims=True)
         column = targets[:, None]
-        loss = ((mx.log(total) - mx.take_along_axis(shifted, column, axis=-1))[:, 0] * weights).sum()
-        probs = e / total
-        dlogits = mx.put_along_axis(probs, column, mx.take_along_axis(probs, column, axis=-1) - 1.0, axis=-1)
-        _, (grad_hidden,) = mx.vjp(head, [hidden], [(dlogits * weights[:, None]).astype(hidden.dtype)])
+        target_logit = mx.take_along_axis(logits, column, axis=-1)
+        loss = ((mx.log(total) + top - target_logit)[:, 0] * weights).sum()
+        row_factor = weights[:, None] / total
+        weighted_probs = e * row_factor
+        target_grad = (mx.take_along_axis(e, column, axis=-1) - total) * row_factor
+        dlogits = mx.put_along_axis(weighted_probs, column, target_grad, axis=-1)
+        _, (grad_hidden,) = mx.vjp(head, [hidden], [dlogits.astype(hidden.dtype)])
         return loss, grad_hidden
 
     @chunk.vjp
