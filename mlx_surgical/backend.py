@@ -2,10 +2,10 @@
 saying so when a run is about to take a path much slower than one the user can switch to.
 
 The Linux `mlx[cpu]` wheel links a reference BLAS that runs sgemm at 2-4 GFLOP/s on one
-thread; the same process with OpenBLAS preloaded runs it at 40-60. `ensure_fast_blas`
-re-executes the current command once with OpenBLAS in LD_PRELOAD when it applies (Linux,
-CPU backend, a system OpenBLAS present, not opted out with MLX_SURGICAL_FAST_BLAS=0).
-It runs before MLX is imported and never on macOS (Metal) or with CUDA.
+thread; the same process with OpenBLAS preloaded runs it at 150-490, by CPU and kernel set.
+`ensure_fast_blas` re-executes the current command once with OpenBLAS in LD_PRELOAD when it
+applies (Linux, CPU backend, a system OpenBLAS present, not opted out with
+MLX_SURGICAL_FAST_BLAS=0). It runs before MLX is imported and never on macOS (Metal) or with CUDA.
 """
 
 import ctypes
@@ -240,8 +240,8 @@ def measure_sgemm_gflops(n: int = 512, repeats: int = 20) -> float:
 
 def openblas_kernels() -> str:
     """Which of its kernel sets the preloaded OpenBLAS runs, and who chose it. The set decides
-    its speed: on an AMD Zen 5, sgemm ran at 235 GFLOP/s with the AVX2 "Haswell" set that an
-    OPENBLAS_CORETYPE setting forced and at 360-420 with the AVX-512 "Cooperlake" set OpenBLAS
+    its speed: on an AMD Zen 5, sgemm ran at 223-249 GFLOP/s with the AVX2 "Haswell" set that an
+    OPENBLAS_CORETYPE setting forced and at 360-490 with the AVX-512 "Cooperlake" set OpenBLAS
     chose itself. A forced set is kept: it is how a machine avoids a set that is wrong on its CPU."""
     library = next((p for p in os.environ.get("LD_PRELOAD", "").split() if "openblas" in p), "")
     try:
