@@ -20,7 +20,7 @@ from safetensors.numpy import load_file, save_file
 from .config import LoraConfig
 from .errors import UserError, parse_user_json, read_user_text
 from .files import staged_file, write_json_atomic
-from .rundir import ADAPTER_CONFIG, ADAPTER_FILE
+from .rundir import ADAPTER_CONFIG, ADAPTER_FILE, require_directory
 from .shape import PROJECTION_PATHS, PROJECTIONS, ModelShape, local_shape
 
 LAYER_PREFIX = "model.layers."  # "model.layers.3.self_attn.q_proj.lora_a"
@@ -43,8 +43,12 @@ class BaseModelRecord:
 
 @dataclass
 class PromptRecord:
+    """How training wrote and cut its examples, so generation and evaluation do the same."""
+
     format: str = "auto"
     system_prompt: Optional[str] = None
+    max_seq_length: Optional[int] = None  # None in adapters written before it was recorded
+    mask_prompt: bool = True
 
 
 @dataclass
@@ -197,20 +201,33 @@ class Adapter:
         return [p for p in PROJECTIONS if p in present]
 
     def fit_problems(self, shape: ModelShape, base: str) -> list[str]:
-        """Every LoRA pair whose layer or shape does not fit a base model of `shape`."""
-        problems, rank = [], self.config.rank
+        """What does not fit a base model of `shape`, one line per kind of mismatch with the
+        layers it affects (an adapter for another model would otherwise give one per tensor)."""
+        rank = self.config.rank
+        layers_by_problem: dict[str, list[int]] = {}
         for p in self.pairs:
             if p.projection not in PROJECTIONS:
-                problems.append(f"{self.directory}: layer {p.layer} {p.module} is not a projection mlx_surgical adapts")
-                continue
-            expected_in, expected_out = shape.projection_dims(p.projection)
-            if p.layer >= shape.num_layers:
-                problems.append(f"{self.directory}: layer {p.layer} does not exist in {base} "
-                                f"({shape.num_layers} layers)")
-            elif p.a.shape != (expected_in, rank) or p.b.shape != (rank, expected_out):
-                problems.append(f"{self.directory}: layer {p.layer} {p.module} has A {p.a.shape}, B {p.b.shape}; "
-                                f"{base} needs A ({expected_in}, {rank}), B ({rank}, {expected_out})")
-        return problems
+                problem = f"{p.module} is not a projection mlx_surgical adapts"
+            elif p.layer >= shape.num_layers:
+                problem = f"beyond the last layer of {base} ({shape.num_layers} layers)"
+            else:
+                expected_in, expected_out = shape.projection_dims(p.projection)
+                if p.a.shape == (expected_in, rank) and p.b.shape == (rank, expected_out):
+                    continue
+                problem = (f"{p.module} has A {p.a.shape}, B {p.b.shape}; {base} needs A ({expected_in}, {rank}), "
+                           f"B ({rank}, {expected_out})")
+            layers_by_problem.setdefault(problem, []).append(p.layer)
+        return [f"{self.directory}: {layer_span(layers)}: {problem}" for problem, layers in layers_by_problem.items()]
+
+
+def layer_span(layers: list[int]) -> str:
+    """'layer 3', 'layers 6-29', 'layers 0, 2, 4'."""
+    layers = sorted(set(layers))
+    if len(layers) == 1:
+        return f"layer {layers[0]}"
+    if layers == list(range(layers[0], layers[-1] + 1)):
+        return f"layers {layers[0]}-{layers[-1]}"
+    return "layers " + ", ".join(map(str, layers))
 
 
 def is_adapter_dir(path: Path) -> bool:
@@ -228,7 +245,7 @@ def write_adapter(directory: str | Path, weights: dict, config: AdapterConfig) -
 
 
 def read_adapter(directory: str | Path) -> Adapter:
-    directory = Path(directory)
+    directory = require_directory(directory)
     weights_path = directory / ADAPTER_FILE
     if not is_adapter_dir(directory):
         raise UserError(f"{directory}: not an adapter directory (needs {ADAPTER_CONFIG} and {ADAPTER_FILE})")

@@ -4,6 +4,7 @@ with status 2."""
 
 import functools
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -29,11 +30,15 @@ def user_errors(fn):
                 click.echo(f"error: {problem}", err=True)
             sys.exit(2)
         except TrainingInterrupted as e:
-            click.echo(str(e), err=True)
-            sys.exit(130)
+            stopping(str(e))
         except KeyboardInterrupt:
-            click.echo("\ninterrupted", err=True)
-            sys.exit(130)
+            stopping("\ninterrupted")
+
+    def stopping(message: str):
+        # The stop is complete; a further Ctrl-C while the process exits would only print a traceback.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        click.echo(message, err=True)
+        sys.exit(130)
 
     return wrapper
 
@@ -154,23 +159,24 @@ def config_help_cmd():
 @user_errors
 def generate_cmd(model_path, adapter_dir, max_tokens, compare, prompt):
     """Answer PROMPT (or stdin) with the base model, with or without an adapter."""
-    from .generate import answer, load_for_generation, prompt_format_for, stream_answer
+    from .console import is_terminal, printable
+    from .generate import compare_answers, load_for_generation, prompt_format_for, stream_answer
 
+    if compare and adapter_dir is None:
+        raise UserError("generate --compare needs --adapter")
     if prompt is None:
+        if is_terminal(sys.stdin):
+            click.echo("reading the prompt from the terminal; end it with Ctrl-D (or give it as an argument)", err=True)
         prompt = sys.stdin.read()
     if not prompt.strip():
         raise UserError("generate: give a PROMPT argument or text on stdin")
+    loaded = load_for_generation(model_path, adapter_dir, progress=True, where="--model")
     if compare:
-        if adapter_dir is None:
-            raise UserError("generate --compare needs --adapter")
-        base = load_for_generation(model_path, progress=True)
-        adapted = load_for_generation(model_path, adapter_dir, progress=True)
-        click.echo("=== base ===\n" + answer(base, prompt_format_for(base), prompt, max_tokens))
-        click.echo("=== adapted ===\n" + answer(adapted, prompt_format_for(adapted, adapter_dir), prompt, max_tokens))
+        base, adapted = compare_answers(loaded, adapter_dir, prompt, max_tokens)
+        click.echo(f"=== base ===\n{printable(base)}\n=== adapted ===\n{printable(adapted)}")
         return
-    loaded = load_for_generation(model_path, adapter_dir, progress=True)
     for piece in stream_answer(loaded, prompt_format_for(loaded, adapter_dir), prompt, max_tokens):
-        click.echo(piece, nl=False)
+        click.echo(printable(piece), nl=False)
     click.echo()
 
 
@@ -361,7 +367,7 @@ def serve_cmd(host, port, token, workspace, allow_remote, allow_hosts, max_body_
 def doctor_cmd():
     """Report OS, MLX backend and device, BLAS, measured GFLOP/s and memory."""
     from .backend import blas_warning, cpu_description, describe, machine_memory_gb, measure_sgemm_gflops
-    from .tuning import ComputePath, cached_choices, describe_rates
+    from .tuning import ComputePath, choices_in_force, describe_rates
 
     facts = describe()
     gflops = measure_sgemm_gflops()
@@ -376,12 +382,14 @@ def doctor_cmd():
         click.echo(f"advice   {advice}")
     elif gflops < 10:
         click.echo("advice   matrix multiply is slow on this machine; expect long runs")
-    choices = [c for c in cached_choices().values() if c.get("cpu") == cpu_description()]
+    choices = choices_in_force()
     for c in choices:
-        click.echo(f"path     {c['model']} ({c['dtype']}): {ComputePath(**c['path']).describe()}; "
+        checkpointed = ", grad_checkpoint" if c["grad_checkpoint"] else ""
+        click.echo(f"path     {c['model']} ({c['dtype']}{checkpointed}): {ComputePath(**c['path']).describe()}; "
                    f"measured {c['measured']}: {describe_rates(c['seconds_per_step'])}")
     if not choices:
-        click.echo("path     no compute path measured on this CPU yet: the first training run of a model measures")
+        click.echo("path     no compute path measured on this CPU, BLAS and MLX yet: the first training run of a "
+                   "model measures")
 
 
 def main():

@@ -187,7 +187,9 @@ def _unknown_key(where: str, key: str, known) -> str:
 def config_from_dict(raw: Any, source: str = "config") -> RunConfig:
     """Build a RunConfig from parsed JSON, reporting every problem at once."""
     if not isinstance(raw, dict):
-        raise UserError(f"{source}: the config must be a JSON object with sections {', '.join(SECTIONS)}")
+        examples = " (a list of examples belongs in data.train as a file, or in data.examples)" \
+            if isinstance(raw, list) else ""
+        raise UserError(f"{source}: the config must be a JSON object with sections {', '.join(SECTIONS)}{examples}")
     problems = []
     sections = {}
     description = raw.get("description", "")
@@ -317,6 +319,9 @@ def parse_json_file(path: str | Path, what: str = "config") -> Any:
 def load_config(path: str | Path) -> RunConfig:
     """Load and check a config file; relative data and model paths are taken from the file's folder."""
     path = Path(path)
+    if path.suffix == ".jsonl":
+        raise UserError(f"{path}: a .jsonl file holds examples, not a run config; give a config .json (copy "
+                        "configs/surgical.json) and name this file in its data.train")
     config = config_from_dict(parse_json_file(path), source=str(path))
     return resolve_model_path(resolve_data_paths(config, path.parent), path.parent)
 

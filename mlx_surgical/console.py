@@ -25,9 +25,18 @@ def resume_command(run_dir: str | Path) -> str:
 
 
 def counted(n: int | float, noun: str, plural: str = "") -> str:
-    """'1 example', '1,040 examples', '2.5 epochs'."""
-    number = f"{n:,}" if isinstance(n, int) else f"{n:g}"
+    """'1 example', '1,040 examples', '2.5 epochs', '0.31 epochs'."""
+    if isinstance(n, int):
+        number = f"{n:,}"
+    else:  # two decimals at most, two significant digits below 1
+        number = f"{n:.2g}" if abs(n) < 1 else f"{round(n, 2):,g}"
     return f"{number} {noun if n == 1 else plural or noun + 's'}"
+
+
+def printable(text: str) -> str:
+    """Model output as it is safe to show: control characters other than newline and tab (a
+    random or damaged model emits NUL, BEL, escape sequences) written as \\xNN escapes."""
+    return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
 
 
 def is_terminal(stream: TextIO) -> bool:

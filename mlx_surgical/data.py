@@ -28,7 +28,7 @@ def raise_problems(problems: list[str]) -> None:
     if problems:
         more = len(problems) - MAX_PROBLEMS
         raise UserError(*problems[:MAX_PROBLEMS],
-                        f"... and {more} more problem{'s' if more > 1 else ''} of the same kind" if more > 0 else "")
+                        f"... and {more} more problem{'s' if more > 1 else ''}" if more > 0 else "")
 
 
 def sample_path(split: str) -> Path:
@@ -61,23 +61,28 @@ def read_records(path: str | Path) -> list[Record]:
         if not isinstance(rows, list):
             raise UserError(f"{path}: a .json data file must hold a list of examples")
         return [Record(row, f"{path}[{i}]") for i, row in enumerate(rows)]
-    records, problems = [], []
+    records, problems = [], {}  # line number -> its problems
     data = read_user_bytes(path, "data", hint).removeprefix(b"\xef\xbb\xbf")  # a BOM some editors write
     for lineno, raw in enumerate(data.split(b"\n"), start=1):
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            problems.append(not_utf8(f"{path}:{lineno}", e))
+            problems[lineno] = [not_utf8(f"{path}:{lineno}", e)]
             continue
         if not line.strip():
             continue
         try:
-            records.append(Record(json.loads(line), f"{path}:{lineno}"))
+            records.append((lineno, Record(json.loads(line), f"{path}:{lineno}")))
         except json.JSONDecodeError as e:
-            problems.append(f"{path}:{lineno}: malformed JSON line ({e.msg} at column {e.colno}); "
-                            "each line must be one JSON object")
-    raise_problems(problems)
-    return records
+            problems[lineno] = [f"{path}:{lineno}: malformed JSON line ({e.msg} at column {e.colno}); "
+                                "each line must be one JSON object"]
+    if problems:  # the lines that did parse are checked too, so one pass fixes the whole file
+        first = first_shaped([r for _, r in records])
+        for lineno, record in records:
+            if found := record_problems(record, first):
+                problems[lineno] = found
+        raise_problems([p for lineno in sorted(problems) for p in problems[lineno]])
+    return [r for _, r in records]
 
 
 def inline_records(rows: list, where: str) -> list[Record]:
@@ -137,25 +142,32 @@ def to_messages(record: Record) -> tuple[list[dict], bool]:
                     "prompt/completion, messages or text (found: " + ", ".join(map(str, f)) + ")")
 
 
+def first_shaped(records: list[Record]) -> Optional[Record]:
+    """The first example of an accepted shape: the one the others must match."""
+    return next((r for r in records if example_format(r.fields)), None)
+
+
+def record_problems(record: Record, first: Optional[Record]) -> list[str]:
+    """What is wrong with one example: its fields, or a shape other than the first example's
+    (a file mixing shapes is almost always a mistake)."""
+    try:
+        to_messages(record)
+    except UserError as e:
+        return e.problems
+    shape = example_format(record.fields)
+    if first is not None and shape != example_format(first.fields):
+        return [f"{record.origin}: a {shape} example among {example_format(first.fields)} examples "
+                f"(as at {first.origin}); use one format per file"]
+    return []
+
+
 def check_records(records: list[Record], where: str) -> list[list[dict]]:
-    """Every example's messages; raises listing every bad example, including one whose shape
-    differs from the first example's (a file mixing shapes is almost always a mistake)."""
+    """Every example's messages; raises listing every bad example."""
     if not records:
         raise UserError(f"{where}: no examples; add at least one instruction/response pair")
-    messages, problems = [], []
-    first = next((r for r in records if example_format(r.fields)), None)
-    for record in records:
-        try:
-            messages.append(to_messages(record)[0])
-        except UserError as e:
-            problems += e.problems
-            continue
-        shape = example_format(record.fields)
-        if first is not None and shape != example_format(first.fields):
-            problems.append(f"{record.origin}: a {shape} example among {example_format(first.fields)} examples "
-                            f"(as at {first.origin}); use one format per file")
-    raise_problems(problems)
-    return messages
+    first = first_shaped(records)
+    raise_problems([p for record in records for p in record_problems(record, first)])
+    return [to_messages(record)[0] for record in records]
 
 
 class PromptFormat:

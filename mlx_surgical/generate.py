@@ -10,13 +10,15 @@ from .adapter import AdapterConfig
 from .console import working
 from .data import PromptFormat
 from .model import LoadedModel, load_model
-from .surgery import apply_adapter
+from .surgery import apply_adapter, base_only
 
 
-def load_for_generation(model_path: str, adapter_dir: Optional[str | Path] = None,
-                        progress: bool = False) -> LoadedModel:
+def load_for_generation(model_path: str, adapter_dir: Optional[str | Path] = None, progress: bool = False,
+                        where: str = "model.path", dtype: str = "auto") -> LoadedModel:
+    """The base model, with the adapter attached when one is given (see surgery.base_only for
+    the base model's answers from the same weights)."""
     with working(f"loading {model_path}", progress):
-        loaded = load_model(model_path)
+        loaded = load_model(model_path, dtype=dtype, where=where)
     if adapter_dir is not None:
         apply_adapter(loaded.model, adapter_dir, loaded.shape, model_path)
     return loaded
@@ -47,3 +49,12 @@ def stream_answer(loaded: LoadedModel, fmt: PromptFormat, instruction: str, max_
 
 def answer(loaded: LoadedModel, fmt: PromptFormat, instruction: str, max_tokens: int = 128) -> str:
     return "".join(stream_answer(loaded, fmt, instruction, max_tokens)).strip()
+
+
+
+def compare_answers(loaded: LoadedModel, adapter_dir: str | Path, instruction: str,
+                    max_tokens: int = 128) -> tuple[str, str]:
+    """(base answer, adapted answer) to one instruction, from a model with the adapter attached."""
+    with base_only(loaded.model):
+        base = answer(loaded, prompt_format_for(loaded), instruction, max_tokens)
+    return base, answer(loaded, prompt_format_for(loaded, adapter_dir), instruction, max_tokens)

@@ -7,6 +7,7 @@ so `validate` finds the same problems `train` would and neither shows a tracebac
 """
 
 import json
+import shlex
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,26 +37,55 @@ def looks_like_local_path(path: str) -> bool:
             or path.split("/")[0] == "models" or path.count("/") > 1)
 
 
-def local_model_dir(path: str, revision: Optional[str] = None, download: bool = True) -> Path:
+TINY_MODEL_DIR = "models/tiny-llama"  # what `mlx-surgical quickstart` builds
+REAL_MODEL_DIR = "models/SmolLM2-135M-Instruct-float32"  # what `mlx-surgical quickstart --real` converts
+# The Hugging Face sources of the presets' converted folders, so a missing one is named with its command.
+PRESET_SOURCES = {"CodeLlama-7b-Instruct-hf": "codellama/CodeLlama-7b-Instruct-hf"}
+# convert's folder-name suffixes and the options that write them (4 bits is convert's default).
+CONVERT_SUFFIXES = {"-4bit": [], "-8bit": ["--bits", "8"], "-float32": ["--bits", "none", "--dtype", "float32"],
+                    "-float16": ["--bits", "none", "--dtype", "float16"],
+                    "-bfloat16": ["--bits", "none", "--dtype", "bfloat16"]}
+
+
+def how_to_create(path: str) -> str:
+    """The command that makes the model folder `path`, as a hint for when it is missing."""
+    name = Path(path).name
+    for folder, command in ((TINY_MODEL_DIR, ["quickstart"]), (REAL_MODEL_DIR, ["quickstart", "--real"])):
+        if name == Path(folder).name:
+            return (f"run `{shlex.join(['mlx-surgical', *command, '--model-dir', path])}` once: it builds that "
+                    "folder, then trains its short demo")
+    stem, options = name, []
+    for suffix, suffix_options in CONVERT_SUFFIXES.items():
+        if name.endswith(suffix):
+            stem, options = name[:-len(suffix)], suffix_options
+    tail = shlex.join([*options, "--out", path])
+    if stem in PRESET_SOURCES:
+        return f"create it with `mlx-surgical convert {PRESET_SOURCES[stem]} {tail}`"
+    return f"create it with `mlx-surgical convert <Hugging Face repo id or .gguf file> {tail}`"
+
+
+def local_model_dir(path: str, revision: Optional[str] = None, download: bool = True,
+                    where: str = "model.path") -> Path:
     """A local directory for `path`: itself when it exists, else a Hugging Face snapshot.
-    With download=False only an already-cached snapshot is used."""
+    With download=False only an already-cached snapshot is used. `where` names the setting or
+    option `path` came from, in errors."""
     if is_local(path):
         local = Path(path).expanduser()
         if not local.is_dir():
-            raise UserError(f"model.path: {path} is a file; give the model's folder (the one holding config.json)")
+            raise UserError(f"{where}: {path} is a file; give the model's folder (the one holding config.json)")
         return local
     if looks_like_local_path(path):
-        raise UserError(f"model.path: the model folder {path} does not exist (a relative path is looked up from "
-                        "the working directory, then from the config file's folder); create it from a Hugging Face "
-                        f"model with `mlx-surgical convert <repo id> --out {path}`")
+        lookup = (" (a relative path is looked up from the working directory, then from the config file's folder)"
+                  if where == "model.path" else "")
+        raise UserError(f"{where}: the model folder {path} does not exist{lookup}; {how_to_create(path)}")
     try:
         return Path(snapshot_download(path, revision=revision, allow_patterns=DEFAULT_ALLOW_PATTERNS,
                                       local_files_only=not download))
     except HFValidationError:
-        raise UserError(f"model.path: '{path}' is neither a local directory nor a Hugging Face repo id") from None
+        raise UserError(f"{where}: '{path}' is neither a local directory nor a Hugging Face repo id") from None
     except Exception as e:  # offline, missing repo, gated model: all end the same way for the user
         how = "download it first or give a local directory" if not download else "check the name and your network"
-        raise UserError(f"model.path: cannot get '{path}' from the Hugging Face Hub ({type(e).__name__}); {how}") from None
+        raise UserError(f"{where}: cannot get '{path}' from the Hugging Face Hub ({type(e).__name__}); {how}") from None
 
 
 def mlx_lm_rope(config: dict, source: str) -> dict:
@@ -160,10 +190,10 @@ class LoadedModel:
     path: Path
 
 
-def load_model(path: str, revision: Optional[str] = None, dtype: str = "auto") -> LoadedModel:
+def load_model(path: str, revision: Optional[str] = None, dtype: str = "auto", where: str = "model.path") -> LoadedModel:
     """Load weights and tokenizer with mlx-lm, after the checks of inspect_model_dir, with RoPE
     settings that only transformers 5's form states passed to mlx-lm as it reads them."""
-    model_dir = local_model_dir(path, revision, download=True)
+    model_dir = local_model_dir(path, revision, download=True, where=where)
     shape = inspect_model_dir(model_dir)
     config = read_model_config(model_dir)
     try:

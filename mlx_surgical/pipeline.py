@@ -37,7 +37,7 @@ from .loss import training_loss
 from .model import (inspect_model_dir, is_local, load_model, load_tokenizer, local_model_dir, looks_like_local_path,
                     model_shape)
 from .rundir import (FINISHED, BaseModelInfo, BestInfo, DataInfo, FinalInfo, RunDir, RunInfo, claim_run, now,
-                     output_location_problems, output_problems)
+                     output_location_problems, output_problems, require_directory)
 from .surgery import adapter_weights, attach_lora
 from .train import (LoopSettings, evaluate, learning_rate_schedule, make_optimizer, schedule_for, train)
 from .tuning import choose_path
@@ -217,7 +217,8 @@ def _train_owned(config: RunConfig, run: RunDir, resume: bool, t_start: float, w
     optimizer = make_optimizer(lr, t.weight_decay)
     optimizer.init(loaded.model.trainable_parameters())
     adapter_cfg = AdapterConfig.for_run(config.lora, loaded.shape, config.model.path, str(loaded.path.resolve()),
-                                        PromptRecord(fmt.style, config.data.system_prompt))
+                                        PromptRecord(fmt.style, config.data.system_prompt,
+                                                     config.training.max_seq_length, config.data.mask_prompt))
 
     state = TrainState()
     restored = load_checkpoint(run_dir, loaded.model, optimizer, warn=log, set_aside=primary) if resume else None
@@ -350,7 +351,7 @@ def _truncate_metrics(run: RunDir, update: int) -> list[dict]:
 
 
 def load_run_config(run_dir: Path) -> RunConfig:
-    path = RunDir(Path(run_dir)).config
+    path = RunDir(require_directory(run_dir)).config
     if not path.exists():
         raise UserError(f"{run_dir}: not a run directory (no {path.name})")
     return config_from_dict(parse_json_file(path, "run config"), source=str(path))

@@ -21,7 +21,7 @@ from .data import PromptFormat, encode_records, padded_length, split_records
 from .errors import UserError
 from .forward import on_cpu_backend
 from .loss import loss_chunk_rows
-from .model import is_local, load_tokenizer, model_shape
+from .model import how_to_create, is_local, load_tokenizer, looks_like_local_path, model_shape
 from .pipeline import train_run
 from .rundir import RunDir
 from .shape import ModelShape
@@ -57,8 +57,10 @@ def resolve_shape(config: RunConfig, bits: Optional[int] = None) -> tuple[ModelS
     except UserError:
         shape = known_shape(config.model.path)
         if shape is None:
-            raise UserError(f"model.path: {config.model.path} is not available locally and is not a known "
-                            f"shape ({', '.join(KNOWN_SHAPES)}); download or convert it first") from None
+            path = config.model.path
+            how = how_to_create(path) if looks_like_local_path(path) else "training downloads it; plan after that"
+            raise UserError(f"model.path: {path} is not available locally and is not a known shape "
+                            f"({', '.join(KNOWN_SHAPES)}); {how}") from None
         quant_bits = bits if bits is not None else (4 if "4bit" in config.model.path.lower() else None)
         return replace(shape, quant_bits=quant_bits, quant_group_size=64 if quant_bits else None), "built-in table"
 
@@ -235,7 +237,10 @@ def format_plan(plan: dict, other: Optional[dict] = None, names: tuple[str, str]
             ("memory: base weights", f"{m['base_weights_gb']:.2f} GB"),
             ("memory: LoRA + grads + AdamW", f"{(m['lora_weights_gb'] + m['gradients_gb'] + m['adamw_state_gb']):.3f} GB"),
             ("memory: activations", f"{m['activations_gb']:.2f} GB at {m['sequence_length']} tokens "
-                                    f"({m['activations_checkpointed_gb']:.2f} GB with grad_checkpoint)"),
+                                    + ("(the longest example) " if s["examples_counted"] == "tokenized" else
+                                       "(training.max_seq_length: the longest example is measured once the "
+                                       "tokenizer is local) ")
+                                    + f"({m['activations_checkpointed_gb']:.2f} GB with grad_checkpoint)"),
             ("memory: total", f"{m['total_gb']:.2f} GB of {machine}" + ("" if m["fits"] else
                                                                          f" (DOES NOT FIT: {does_not_fit_advice(p)})")),
             ("examples", f"{s['examples']} ({s['examples_counted']})"),
@@ -246,7 +251,7 @@ def format_plan(plan: dict, other: Optional[dict] = None, names: tuple[str, str]
             ("schedule", f"{counted(s['epochs'], 'epoch')} x "
                          f"{counted(s['micro_batches_per_epoch'], 'micro-batch', 'micro-batches')} = "
                          f"{counted(s['micro_batches'], 'micro-batch', 'micro-batches')}"),
-            ("optimizer updates", f"{s['updates']} ({s['warmup_updates']} warmup, {100 * s['warmup_share']:.0f}%)"),
+            ("optimizer updates", f"{s['updates']:,} ({s['warmup_updates']:,} warmup, {100 * s['warmup_share']:.0f}%)"),
             ("time", f"{t['total_seconds'] / 60:.1f} min ({t['seconds_per_update']:.2f} s/update, {t['note']})"
                      if t["total_seconds"] is not None else t["note"]),
         ]

@@ -13,20 +13,18 @@ import mlx.core as mx
 from .backend import slow_path_warnings
 from .callbacks import ProgressStyle
 from .config import RunConfig, load_config, preset_path
-from .console import command_line
+from .console import command_line, printable
 from .convert import convert_model
 from .convert.smollm2 import fetch_smollm2
 from .data import read_records, sample_path, to_messages
 from .eval.heldout import combine, example_losses
-from .generate import answer, load_for_generation, prompt_format_for
-from .model import model_shape
+from .generate import compare_answers, load_for_generation, prompt_format_for
+from .model import REAL_MODEL_DIR, TINY_MODEL_DIR, model_shape
 from .pipeline import RunResult, encode_split, train_run
 from .rundir import RunDir
 from .shape import ModelShape
 from .tiny import QUICKSTART_SHAPE, build_tiny_model
 
-TINY_MODEL_DIR = "models/tiny-llama"
-REAL_MODEL_DIR = "models/SmolLM2-135M-Instruct-float32"
 # A prompt in the shape of the bundled training pairs, for the commands the quickstart suggests.
 TRY_PROMPT = "Write a Python function `square` that returns a number squared."
 
@@ -57,7 +55,7 @@ class QuickstartResult:
     def report_lines(self) -> list[str]:
         run = self.run
         lines = ["", f"training loss {run.first_loss:.3f} at the first update -> {self.recent_loss:.3f} over the "
-                 f"last {self.recent_updates} updates ({self.recent_loss / run.first_loss:.0%})"]
+                 f"last {self.recent_updates} updates (down {1 - self.recent_loss / run.first_loss:.0%})"]
         if self.base_val_loss is not None and run.final_val_loss is not None:
             lines.append(f"held-out loss: base {self.base_val_loss:.3f} -> adapted {run.final_val_loss:.3f}")
         lines += ["", "held-out prompt:", *indented(self.prompt)]
@@ -73,7 +71,7 @@ class QuickstartResult:
 
 def indented(text: str) -> list[str]:
     """Model output as it reads, each line indented; an empty answer says so."""
-    return [f"  {line}" for line in text.splitlines()] if text.strip() else ["  (no text)"]
+    return [f"  {line}" for line in printable(text).splitlines()] if text.strip() else ["  (no text)"]
 
 
 def ensure_tiny_model(model_dir: str | Path, log: Callable[[str], None] = print) -> Path:
@@ -135,9 +133,7 @@ def run_quickstart(out_dir: str = "adapters", model_dir: Optional[str] = None, e
 
     held_out = read_records(sample_path("test"))[0]
     prompt = to_messages(held_out)[0][-2]["content"]
-    base = load_for_generation(str(model_path))
-    base_answer = answer(base, prompt_format_for(base), prompt, max_tokens=64)
-    adapted = load_for_generation(str(model_path), run.run_dir)
-    adapted_answer = answer(adapted, prompt_format_for(adapted, run.run_dir), prompt, max_tokens=64)
+    base_answer, adapted_answer = compare_answers(load_for_generation(str(model_path), run.run_dir), run.run_dir,
+                                                  prompt, max_tokens=64)
     return QuickstartResult(run, model_path, prompt, base_answer, adapted_answer, recent_loss, recent, base_val_loss,
                             time.perf_counter() - start, real)

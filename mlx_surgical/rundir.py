@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
-from .console import resume_command
+from .console import command_line, resume_command
 from .errors import Conflict, UserError
 from .files import is_staging, read_json_or_empty, read_jsonl, remove_staging_leftovers, sha256_file, \
     write_failed, write_json_atomic
@@ -50,6 +50,18 @@ FINISHED = ("succeeded", "stopped_early")  # RunInfo.status of a run that comple
 
 # The files a user ships, checksummed in run.json when a run finishes.
 CHECKSUMMED = (ADAPTER_FILE, ADAPTER_CONFIG, f"{BEST_DIR}/{ADAPTER_FILE}", f"{BEST_DIR}/{ADAPTER_CONFIG}")
+
+
+def require_directory(path: str | Path) -> Path:
+    """A run or adapter directory named by the user; a mistyped one is refused with the command
+    that lists the runs where it was looked for."""
+    path = Path(path)
+    if not path.is_dir():
+        root = path.parent
+        listing = (command_line("mlx-surgical", "adapters", "list") if root == Path("adapters")
+                   else command_line("mlx-surgical", "adapters", "--root", root, "list"))
+        raise UserError(f"{path}: no such directory; `{listing}` shows the runs in {root}")
+    return path
 
 
 @dataclass(frozen=True)

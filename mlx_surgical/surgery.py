@@ -3,6 +3,7 @@ LoRA layers, count what trains, and the reverse operations (load an adapter, fus
 These act on a model in memory; the adapter on disk is adapter.py's.
 """
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
@@ -86,3 +87,19 @@ def fuse_lora(model: nn.Module, dequantize: bool = False) -> nn.Module:
     if fused:
         model.update_modules(tree_unflatten(fused))
     return model
+
+
+@contextmanager
+def base_only(model):
+    """Inside this block a model with an adapter attached computes exactly what its base model
+    computes: each LoRA update is scaled by 0, so y + 0 = y bit for bit, without a second copy of
+    the model in memory."""
+    layers = [module for _, module in lora_modules(model)]
+    scales = [module.scale for module in layers]
+    for module in layers:
+        module.scale = 0.0
+    try:
+        yield
+    finally:
+        for module, scale in zip(layers, scales):
+            module.scale = scale

@@ -68,6 +68,13 @@ def cached_choices() -> dict:
     return read_json_or_empty(cache_dir() / CHOICES_FILE)
 
 
+def choices_in_force() -> list[dict]:
+    """The cached choices a run on this machine would use now: same CPU, BLAS (and its kernel
+    set) and MLX version. Others stay cached for when those come back."""
+    here = {"cpu": cpu_description(), "blas": describe()["blas"], "mlx": mx.__version__}
+    return [c for c in cached_choices().values() if all(c.get(k) == v for k, v in here.items())]
+
+
 def candidates(model, fast_math: str, dequantize: str) -> list[ComputePath]:
     """The paths allowed by the settings ("auto" allows both), cheapest to compile first."""
     math_options = {"auto": (False, True), "fast": (True,), "plain": (False,)}[fast_math]
@@ -121,7 +128,8 @@ def choose_path(model, shape: ModelShape, dtype: str, grad_checkpoint: bool, fas
         fastest = min(timings, key=timings.get)
         choice = PathChoice(fastest, "measured", {p.describe(): s for p, s in timings.items()})
         choices = cached_choices()
-        choices[key] = {"cpu": cpu_description(), "mlx": mx.__version__, "model": shape.describe(), "dtype": dtype,
+        choices[key] = {"cpu": cpu_description(), "blas": describe()["blas"], "mlx": mx.__version__,
+                        "model": shape.describe(), "dtype": dtype,
                         "grad_checkpoint": grad_checkpoint, "path": asdict(fastest),
                         "seconds_per_step": choice.seconds_per_step, "measured": time.strftime("%Y-%m-%d %H:%M")}
         write_json_atomic(cache_dir() / CHOICES_FILE, choices)

@@ -1,9 +1,9 @@
 """Tokens/s of the same run on 1 process and on 2 data-parallel ranks (mlx.launch, ring, loopback).
 
 Run as:
-    python scripts/distributed_bench.py [--updates 30] [--hidden 128 --layers 4]
+    python scripts/distributed_bench.py [--updates 30] [--hidden 128 --layers 4 | --model smollm2]
 
-Builds a tiny model, then trains the same config (global batch 2, 2 accumulation steps) once
+Builds a random model (--hidden x --layers, or one of speed_bench.py's shapes with --model), then trains the same config (global batch 2, 2 accumulation steps) once
 in one process and once as two ranks on this machine, and prints tokens/s for each and their
 ratio. On one 2-core machine the two ranks share the cores, so this measures the overhead of
 the gradient all-reduce rather than a speed-up; across two Macs each rank has its own chip.
@@ -18,9 +18,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from mlx_surgical.backend import cpu_description
 from mlx_surgical.config import config_from_dict, save_config
 from mlx_surgical.data import sample_path
-from mlx_surgical.tiny import TinyShape, build_tiny_model
+from mlx_surgical.tiny import BENCHMARK_SHAPES, TinyShape, build_tiny_model
 
 
 def run(command: list[str], run_dir: Path, env: dict) -> dict:
@@ -38,11 +39,15 @@ def main():
     parser.add_argument("--updates", type=int, default=30)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--model", choices=sorted(BENCHMARK_SHAPES), default=None,
+                        help="One of speed_bench.py's model shapes instead of --hidden x --layers.")
     args = parser.parse_args()
+    shape = BENCHMARK_SHAPES[args.model] if args.model else TinyShape(layers=args.layers, hidden_size=args.hidden,
+                                                                      intermediate_size=3 * args.hidden)
+    print(f"cpu: {cpu_description()}", flush=True)  # a speed holds for the CPU it was measured on
     launch = shutil.which("mlx.launch", path=str(Path(sys.executable).parent)) or "mlx.launch"
     with tempfile.TemporaryDirectory() as tmp:
-        model = build_tiny_model(Path(tmp) / "model", TinyShape(layers=args.layers, hidden_size=args.hidden,
-                                                                intermediate_size=3 * args.hidden))
+        model = build_tiny_model(Path(tmp) / "model", shape)
         results = []
         for ranks in (1, 2):
             config = config_from_dict({

@@ -46,7 +46,15 @@ CASES = {
     "model.path is a file": (lambda t, m: write_config(t, m / "config.json"), "config.json is a file"),
     "model folder missing": (lambda t, m: write_config(t, "models/CodeLlama-7b-hf-4bit"),
                              "models/CodeLlama-7b-hf-4bit does not exist"),
-    "model folder missing, hint": (lambda t, m: write_config(t, "./models/x"), "mlx-surgical convert <repo id>"),
+    "model folder missing, hint": (lambda t, m: write_config(t, "./models/x"),
+                                   "mlx-surgical convert <Hugging Face repo id or .gguf file> --out ./models/x"),
+    "a preset's folder missing, its command": (
+        lambda t, m: write_config(t, "models/CodeLlama-7b-Instruct-hf-8bit"),
+        "create it with `mlx-surgical convert codellama/CodeLlama-7b-Instruct-hf --bits 8 --out "
+        "models/CodeLlama-7b-Instruct-hf-8bit`"),
+    "the real quickstart's folder missing": (
+        lambda t, m: write_config(t, "models/SmolLM2-135M-Instruct-float32"),
+        "run `mlx-surgical quickstart --real --model-dir models/SmolLM2-135M-Instruct-float32` once"),
     "config.json malformed": (lambda t, m: write_config(t, broken_model(
         t, m, lambda d: (d / "config.json").write_text('{"model_type": "llama",'))), "config.json:1:24: malformed JSON"),
     "config.json not Llama": (lambda t, m: write_config(t, broken_model(

@@ -110,3 +110,20 @@ def test_every_suggested_command_pastes_into_bash(make_config, tmp_path, pasted)
         (warning,) = [w for w in slow_path_warnings(config, shape) if "-bit" in w]
         fix = warning.split("Fix: ")[1].rsplit(", and point", 1)[0]
         assert pasted(fix) == ["mlx-surgical", "convert", str(source), "--bits", "none", "--dtype", "float32"]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["convert", "./nope.gguf"], "SOURCE: ./nope.gguf does not exist; give a Hugging Face repo id"),
+    (["eval", "adapters/nope"], "adapters/nope: no such directory; `mlx-surgical adapters list` shows the runs"),
+    (["export", "adapters/nope", "--format", "peft"], "adapters/nope: no such directory"),
+    (["train", "--resume", "runs/nope"], "runs/nope: no such directory; `mlx-surgical adapters --root runs list`"),
+    (["generate", "--model", "models/nope", "hi"], "--model: the model folder models/nope does not exist; create it"),
+    (["train", "held_out.jsonl"], "held_out.jsonl: a .jsonl file holds examples, not a run config"),
+])
+def test_a_mistyped_path_says_what_is_missing_and_what_to_run(tmp_path, monkeypatch, argv, expected):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "held_out.jsonl").write_text('{"instruction": "a", "response": "b"}\n')
+    result = CliRunner().invoke(cli, argv)
+    assert result.exit_code == 2, result.output
+    assert result.output.startswith(f"error: {expected}") or f"\nerror: {expected}" in result.output, result.output
+    assert "Traceback" not in result.output

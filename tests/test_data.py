@@ -126,19 +126,23 @@ def test_every_bad_line_is_listed_up_to_a_limit(tmp_path):
 
     path = tmp_path / "train.jsonl"
     good = '{"instruction": "a", "response": "b"}'
-    path.write_bytes("\n".join([good, "{oops", good, '{"instruction": "a", "response": ', good]).encode()
+    path.write_bytes("\n".join([good, "{oops", '{"instruction": "a"}', '{"instruction": "a", "response": ',
+                                 '{"prompt": "q", "completion": "c"}']).encode()
                      + b'\n{"instruction": "caf\xe9", "response": "b"}\n')
     with pytest.raises(UserError) as bad:
         read_records(path)
-    assert [p.split(": ")[0] for p in bad.value.problems] == [f"{path}:2", f"{path}:4", f"{path}:6"]
+    # the lines that parse are checked too: a missing field, a second format
+    assert [p.split(": ")[0] for p in bad.value.problems] == [f"{path}:{n}" for n in (2, 3, 4, 5, 6)]
     assert "malformed JSON line" in bad.value.problems[0]
-    assert "not valid UTF-8 (byte 0xe9 at column 21)" in bad.value.problems[2]
+    assert "field 'response' must be a non-empty string" in bad.value.problems[1]
+    assert "a prompt/completion example among instruction/response examples" in bad.value.problems[3]
+    assert "not valid UTF-8 (byte 0xe9 at column 21)" in bad.value.problems[4]
 
     path.write_text("\n".join(["{"] * (MAX_PROBLEMS + 5)))
     with pytest.raises(UserError) as many:
         read_records(path)
     assert len(many.value.problems) == MAX_PROBLEMS + 1
-    assert many.value.problems[-1] == "... and 5 more problems of the same kind"
+    assert many.value.problems[-1] == "... and 5 more problems"
 
 
 def test_every_bad_example_and_a_mixed_format_are_named(tmp_path):

@@ -17,11 +17,11 @@ from mlx_surgical.config import config_from_dict
 from mlx_surgical.data import PromptFormat, encode_records, read_records
 from mlx_surgical.errors import UserError
 from mlx_surgical.eval import evaluate_adapter
-from mlx_surgical.eval.adapted import load_adapted
 from mlx_surgical.eval.disturbance import example_kl, neutral_records, reference_records
 from mlx_surgical.eval.examples import extract_code, read_examples
 from mlx_surgical.eval.passk import pass_at_k
 from mlx_surgical.eval.sandbox import Sandbox
+from mlx_surgical.generate import load_for_generation
 from mlx_surgical.model import load_model
 from mlx_surgical.pipeline import train_run, validate_run
 from mlx_surgical.registry import show
@@ -109,7 +109,7 @@ def test_report_files_and_figures(report):
 def test_held_out_loss_equals_a_plain_full_logits_computation(report, tiny_model):
     """Base from a separately loaded base model, adapted from base + adapter: both by hand."""
     run_dir, data, result = report
-    adapted = load_adapted(str(tiny_model), run_dir, "float32")
+    adapted = load_for_generation(str(tiny_model), run_dir, dtype="float32")
     base = load_model(str(tiny_model), dtype="float32")
     fmt = PromptFormat(base.tokenizer)
     samples = encode_records(read_records(data), fmt, 512, "truncate", True).samples
@@ -127,7 +127,7 @@ def test_held_out_loss_equals_a_plain_full_logits_computation(report, tiny_model
 
 
 def test_zero_adapter_disturbs_nothing_and_a_trained_one_does(run_copy, tiny_model):
-    trained = load_adapted(str(tiny_model), run_copy, "float32")
+    trained = load_for_generation(str(tiny_model), run_copy, dtype="float32")
     samples = encode_records(neutral_records(), PromptFormat(trained.tokenizer), 512, "truncate", True).samples
     assert sum(kl for kl, _ in example_kl(trained.model, samples)) > 0
 
@@ -161,7 +161,8 @@ def test_bad_eval_data_names_the_example(run_copy, tmp_path):
     rows = [PROBLEMS[0], {"instruction": "Say hi", "response": "hi"},
             {**PROBLEMS[1], "test": "def check(candidate):\n    assert candidate(3) == = 9\n"},
             {**PROBLEMS[2], "tests": ["assert reverse([1]) == [1]", "assert reverse(["]},
-            {**PROBLEMS[1], "entry_point": None}, {**PROBLEMS[0], "concept": 3}]
+            {**PROBLEMS[1], "entry_point": None}, {**PROBLEMS[0], "concept": 3},
+            {"instruction": "Reverse", "response": "x", "tests": ["assert f() == 1"], "entry_point": "f"}]
     data = write_jsonl(tmp_path / "bad.jsonl", rows)
     with pytest.raises(UserError) as err:
         read_examples(read_records(data), samples=2)
@@ -172,7 +173,9 @@ def test_bad_eval_data_names_the_example(run_copy, tmp_path):
         f"{data}:4: tests[1] is not valid Python (line 1: '[' was never closed); fix the test code",
         f"{data}:5: field 'entry_point' must name the function the tests call, as 'test' (HumanEval style) "
         "passes it to check()",
-        f"{data}:6: field 'concept' must be a non-empty string"]
+        f"{data}:6: field 'concept' must be a non-empty string",
+        f"{data}:7: 'tests' (assert lines) is given, so drop 'entry_point': those belong to HumanEval-style tests "
+        "('test' defining check(candidate) + 'entry_point')"]
 
     result = CliRunner().invoke(cli, ["eval", str(run_copy), "--data", str(data), "--samples", "1"])
     assert result.exit_code == 2 and "Traceback" not in result.output
@@ -195,6 +198,14 @@ def test_cli_eval_of_a_plain_mlx_lm_adapter_and_registry_show(run_copy, tiny_mod
     written = json.loads((tmp_path / "report" / "eval.json").read_text())
     assert written["works"] is None and written["data"]["scored"] == 3
     assert written["summary"]["line"] in result.output and "held-out loss" in result.output
+    assert f"wrote {tmp_path / 'report' / 'eval.json'} and {tmp_path / 'report' / 'eval.md'}" in result.output
+
+    # The export remembers how its run cut examples (max_seq_length 512), so it scores as the run does.
+    from_run = evaluate_adapter(run_copy, data=str(data), overrides={"max_tokens": 8}, out_dir=tmp_path / "run-report",
+                                log=lambda _: None)
+    for side in ("base", "adapted"):
+        assert written["disturbed"]["reference"][side] == pytest.approx(from_run["disturbed"]["reference"][side])
+        assert written["learned"][side] == pytest.approx(from_run["learned"][side])
 
     assert "eval" not in show(run_copy.parent, run_copy.name)
     shutil.copy(tmp_path / "report" / "eval.json", run_copy / "eval.json")

@@ -60,7 +60,16 @@ def test_generate_streams_and_compares(trained_run, tiny_model, other_tiny_model
     assert answer.exit_code == 0, answer.output
     assert answer.output.strip()
     compared = run("generate", "--model", str(tiny_model), "--adapter", str(trained_run), "--compare",
-                   "--max-tokens", "8", input="Write a function\n")
+                   "--max-tokens", "8", input="Write a function")
     assert compared.exit_code == 0 and "=== base ===" in compared.output and "=== adapted ===" in compared.output
+    # One model loaded for both sides; the base side is the base model's own answer, the adapted
+    # side the adapter's; what a random model emits is shown without raw control characters.
+    assert compared.output.count(" ...\n") == 1  # "loading <model> ..." once
+    base_alone = run("generate", "--model", str(tiny_model), "--max-tokens", "8", "Write a function")
+    base_side, adapted_side = compared.output.split("=== base ===\n")[1].split("\n=== adapted ===\n")
+    after_loading = lambda output: output.split(" s\n", 1)[1].strip()  # noqa: E731
+    assert base_side.strip() == after_loading(base_alone.output)
+    assert adapted_side.strip() == after_loading(answer.output)
+    assert all(c.isprintable() or c == "\n" for c in compared.output + base_alone.output + answer.output)
     refused = run("generate", "--model", str(other_tiny_model), "--adapter", str(trained_run), "hi")
     assert refused.exit_code == 2 and "not on" in refused.output and "Traceback" not in refused.output

@@ -2,11 +2,13 @@
 
 import io
 import json
+import re
 import signal
 import subprocess
 import sys
 import time
 import zipfile
+from pathlib import Path
 
 import pytest
 from conftest import free_port
@@ -14,6 +16,7 @@ from conftest import free_port
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
+ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = [{"instruction": f"Write function number {i}", "response": f"def f{i}(x):\n    return x + {i}"}
             for i in range(6)]
 
@@ -92,6 +95,28 @@ def test_a_job_posted_as_a_file_is_followed_to_success_and_downloaded(start_serv
         deleted = client.delete("/api/adapters/first")
         assert deleted.status_code == 200 and client.get("/api/adapters").json() == []
         assert client.delete("/api/adapters/first").status_code == 404
+
+
+def test_the_readmes_curl_example_sends_a_shipped_config_that_starts_a_run(start_server, tiny_model, tmp_path):
+    """The README's server example as written: the file it posts ships in the repository and
+    starts a job in a workspace where the quickstart has built its model; an empty body (curl
+    with a missing file) is a 422 that says so."""
+    (sent,) = re.findall(r"-d @(\S+)", (ROOT / "README.md").read_text())
+    workspace = tmp_path / "workspace"
+    (workspace / "models").mkdir(parents=True)
+    (workspace / "models" / "tiny-llama").symlink_to(tiny_model)
+    server = start_server(workspace=workspace)
+    headers = {"Content-Type": "application/json"}
+    with server.client() as client:
+        started = client.post("/api/training/start", content=(ROOT / sent).read_bytes(), headers=headers)
+        assert started.status_code == 202, started.text
+        job_id = started.json()["id"]
+        wait_for(client, job_id, lambda j: j["state"] == "running" and j["update"] >= 1)
+        assert client.post(f"/api/training/jobs/{job_id}/stop").status_code == 200
+        assert wait_for(client, job_id, lambda j: j["state"] not in ("running", "queued"))["state"] == "cancelled"
+
+        empty = client.post("/api/training/start", content=b"", headers=headers)
+        assert empty.status_code == 422 and empty.json()["problems"][0].startswith("request body: empty;")
 
 
 def test_queue_stop_and_exact_resume(start_server, tiny_model):

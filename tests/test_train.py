@@ -223,6 +223,26 @@ def test_killed_run_resumes_to_the_same_adapter(make_config, tmp_path, how):
     assert [r["update"] for r in rows if "loss" in r] == list(range(1, 17))
 
 
+def test_a_second_ctrl_c_while_the_stopped_run_exits_prints_no_traceback(make_config, tmp_path):
+    """The checkpoint is saved and the hint printed; a user pressing Ctrl-C again while the process
+    exits must not get a traceback from the interpreter's shutdown."""
+    config = make_config(iters=40, save_every=2)
+    path = tmp_path / "run.json"
+    save_config(config, path)
+    proc = _start(path)
+    _wait_for(Path(config.output.dir) / "run" / "checkpoints", "update-0000002", proc)
+    proc.send_signal(signal.SIGINT)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "checkpoint saved. Continue with:" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    out = "".join(lines) + proc.communicate(timeout=120)[0]
+    assert proc.returncode == 130, out
+    assert "Traceback" not in out and "Exception ignored" not in out, out
+
+
 def test_a_second_ctrl_c_aborts_without_a_traceback(make_config, capsys):
     class PressCtrlCTwice:
         def on_update(self, report, state):

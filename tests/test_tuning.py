@@ -14,7 +14,7 @@ from mlx_surgical.loss import training_loss
 from mlx_surgical.model import load_model
 from mlx_surgical.rundir import RunInfo
 from mlx_surgical.surgery import attach_lora
-from mlx_surgical.tuning import CHOICES_FILE, choose_path
+from mlx_surgical.tuning import CHOICES_FILE, choices_in_force, choose_path
 
 
 @pytest.fixture
@@ -49,6 +49,11 @@ def test_auto_measures_once_then_uses_the_cached_choice(tiny_model, cache):
     assert entry["cpu"] == cpu_description() and entry["path"]["fast_math"] == first.path.fast_math
     again = choose(loaded, batches)
     assert (again.how, again.path) == ("cached", first.path)
+    assert choices_in_force() == [entry]
+
+    # A choice measured under another BLAS kernel set stays cached but is not the one in force.
+    cache.write_text(json.dumps({"elsewhere": {**entry, "blas": "OpenBLAS, SkylakeX kernels"}, "here": entry}))
+    assert choices_in_force() == [entry]
 
 
 def test_a_forced_setting_is_not_measured(tiny_model, cache):

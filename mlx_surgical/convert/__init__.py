@@ -9,6 +9,7 @@ from typing import Callable, Optional
 from ..backend import HALF_PRECISION_SLOWDOWN, default_convert_dtype
 from ..errors import UserError
 from ..forward import on_cpu_backend
+from ..model import PRESET_SOURCES, looks_like_local_path
 from . import gguf, hf, ollama
 
 __all__ = ["convert_model", "source_kind"]
@@ -33,16 +34,15 @@ def convert_model(source: str, out: Optional[str | Path] = None, bits: Optional[
     """bits=None keeps every weight unquantized in `dtype` (default: what trains fastest on this
     MLX backend). From a GGUF file, tensors already in Q4_0, Q4_1 or Q8_0 keep their own 4 or 8
     bits (group size 32) whenever `bits` is set."""
-    if dtype is None:
-        dtype = default_convert_dtype()
-        if on_cpu_backend():
-            log(f"MLX runs on the CPU here: writing the unquantized parts in float32, which trains about "
-                f"{HALF_PRECISION_SLOWDOWN}x faster here than float16 (--dtype to choose)")
     if bits not in (None, 4, 8):
-        raise UserError(f"--bits: {bits} is not supported; use 4 or 8 (or none for {dtype} weights)")
+        raise UserError(f"--bits: {bits} is not supported; use 4 or 8, or none to keep the weights unquantized")
     if group_size not in (32, 64, 128):
         raise UserError(f"--group-size: {group_size} is not supported; use 32, 64 or 128")
     kind = source_kind(source)
+    if kind == "hf" and looks_like_local_path(source) and not Path(source).expanduser().exists():
+        raise UserError(f"SOURCE: {source} does not exist; give a Hugging Face repo id (such as "
+                        f"{next(iter(PRESET_SOURCES.values()))}), a local Hugging Face model folder, a .gguf file "
+                        f"or {ollama.PREFIX}NAME")
     if kind != "hf" and revision:
         raise UserError(f"--revision: applies to Hugging Face repo ids, not to {source}")
     model = ollama.find_model(source[len(ollama.PREFIX):]) if kind == "ollama" else None
@@ -57,6 +57,11 @@ def convert_model(source: str, out: Optional[str | Path] = None, bits: Optional[
     out = Path(out)
     if out.exists() and not force:
         raise UserError(f"{out}: already exists; choose another --out or pass --force to replace it")
+    if dtype is None:
+        dtype = default_convert_dtype()
+        if on_cpu_backend():
+            log(f"MLX runs on the CPU here: writing the unquantized parts in float32, which trains about "
+                f"{HALF_PRECISION_SLOWDOWN}x faster here than float16 (--dtype to choose)")
     if model:
         return gguf.convert(model.blob, out, bits, group_size, dtype, source, progress,
                             {"ollama_manifest": str(model.manifest), "ollama_digest": model.digest})

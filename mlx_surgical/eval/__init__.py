@@ -3,8 +3,8 @@
 `evaluate_adapter` compares the base model and base + adapter on the same held-out examples
 and writes eval.json and eval.md. One module per concern: `examples` (concepts and tests),
 `heldout` (learned), `disturbance` (reference-text loss and KL to the base), `works` with
-`sandbox`/`confine` (running generated code) and `passk`, `report` (the outputs); `adapted`
-gives both sides of the comparison from one set of weights.
+`sandbox`/`confine` (running generated code) and `passk`, `report` (the outputs). Both sides
+of the comparison come from one set of weights (`surgery.base_only`).
 """
 
 import time
@@ -14,14 +14,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional
 
+from ..adapter import AdapterConfig
 from ..config import (DataConfig, EvalConfig, RunConfig, TrainingConfig, eval_problems, load_config,
                       resolve_data_path)
 from ..data import encode_records, read_records, split_records
 from ..errors import UserError
-from ..generate import prompt_format_for
+from ..generate import load_for_generation, prompt_format_for
 from ..model import LoadedModel
-from ..rundir import RunDir, RunInfo
-from .adapted import base_only, load_adapted
+from ..rundir import EVAL_JSON, EVAL_MD, RunDir, RunInfo, require_directory
+from ..surgery import base_only
 from .disturbance import example_kl, neutral_records, reference_records
 from .examples import EvalExample, read_examples
 from .heldout import combine, example_losses
@@ -124,7 +125,7 @@ def evaluate_adapter(adapter_dir: str | Path, model: Optional[str] = None, data:
     eval settings over the run's (or the defaults), `loaded` the model with this adapter
     already attached (as training leaves it)."""
     started = time.perf_counter()
-    adapter_dir = Path(adapter_dir)
+    adapter_dir = require_directory(adapter_dir)
     run = _run_config(adapter_dir)
     try:
         settings = replace(run.eval if run else EvalConfig(), **(overrides or {}))
@@ -143,14 +144,19 @@ def evaluate_adapter(adapter_dir: str | Path, model: Optional[str] = None, data:
 
     if loaded is None:
         log(f"loading {model_path} with the adapter in {adapter_dir}")
-        loaded = load_adapted(model_path, adapter_dir, run.model.dtype if run else "auto")
+        loaded = load_for_generation(model_path, adapter_dir, where="--model" if model else "model.path",
+                                     dtype=run.model.dtype if run else "auto")
     loaded.model.eval()  # no LoRA dropout
     fmt = prompt_format_for(loaded, adapter_dir)
-    data_settings = run.data if run else DataConfig()
-    max_length = run.training.max_seq_length if run else TrainingConfig().max_seq_length
+    if run:
+        max_length, mask_prompt, overlength = run.training.max_seq_length, run.data.mask_prompt, run.data.overlength
+    else:  # an exported adapter: cut and mask examples as its training recorded
+        recorded = AdapterConfig.read(adapter_dir).prompt
+        max_length = recorded.max_seq_length or TrainingConfig().max_seq_length
+        mask_prompt, overlength = recorded.mask_prompt, DataConfig().overlength
 
-    def encode(rows, mask_prompt=data_settings.mask_prompt):
-        return encode_records(rows, fmt, max_length, data_settings.overlength, mask_prompt)
+    def encode(rows, mask_prompt=mask_prompt):
+        return encode_records(rows, fmt, max_length, overlength, mask_prompt)
 
     held_out = encode(records)
     if not held_out.samples:
@@ -194,5 +200,7 @@ def evaluate_adapter(adapter_dir: str | Path, model: Optional[str] = None, data:
     }
     report["summary"] = summary(report)
     report["seconds"] = round(time.perf_counter() - started, 1)
-    write_report(Path(out_dir) if out_dir is not None else adapter_dir, report)
+    written = Path(out_dir) if out_dir is not None else adapter_dir
+    write_report(written, report)
+    log(f"wrote {written / EVAL_JSON} and {written / EVAL_MD}")
     return report

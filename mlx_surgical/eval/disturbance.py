@@ -14,7 +14,7 @@ import mlx.core as mx
 import numpy as np
 
 from ..data import Record, Sample, read_records
-from .adapted import base_only
+from ..surgery import base_only
 
 REFERENCE_KINDS = ("prose", "code")
 

@@ -56,8 +56,9 @@ def _tests(fields: dict, origin: str, problems: list[str]) -> Optional[Tests]:
         return None
     if lines is not None:
         if test is not None or entry_point is not None:
-            problems.append(f"{origin}: give 'test' + 'entry_point' (HumanEval style) or 'tests' (assert lines), "
-                            "not both")
+            extra = " and ".join(f"'{k}'" for k in ("test", "entry_point") if k in fields)
+            problems.append(f"{origin}: 'tests' (assert lines) is given, so drop {extra}: those belong to "
+                            "HumanEval-style tests ('test' defining check(candidate) + 'entry_point')")
             return None
         if not isinstance(lines, list) or not lines or not all(isinstance(t, str) and t.strip() for t in lines):
             problems.append(f"{origin}: field 'tests' must be a non-empty list of assert lines (strings)")

@@ -73,8 +73,11 @@ def create_app(workspace: Path, token: Optional[str] = None, max_body: int = DEF
             body += chunk
             if len(body) > max_body:  # a chunked body has no content-length to check up front
                 raise BodyTooLarge(f"request body is over the limit of {max_body:,} bytes")
-        if if_empty is not None and not body.strip():
-            return if_empty
+        if not body.strip():
+            if if_empty is not None:
+                return if_empty
+            raise UserError("request body: empty; send a JSON object (for a run, a config like configs/tiny.json, "
+                            "e.g. curl -d @configs/tiny.json)")
         try:
             text = body.decode("utf-8")
         except UnicodeDecodeError as e:
