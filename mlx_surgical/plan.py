@@ -17,12 +17,12 @@ from .adapter import adapted_layer_count
 from .backend import machine_memory_gb, slow_path_warnings, training_dtype
 from .config import LoraConfig, RunConfig, TrainingConfig, per_rank_batch
 from .console import counted, working
-from .data import PromptFormat, encode_records, padded_length, split_records
+from .data import PromptFormat, padded_length, split_records
 from .errors import UserError
 from .forward import on_cpu_backend
 from .loss import loss_chunk_rows
 from .model import how_to_create, is_local, load_tokenizer, looks_like_local_path, model_shape
-from .pipeline import train_run
+from .pipeline import encode_split, train_run
 from .rundir import RunDir
 from .shape import ModelShape
 from .train import schedule_for
@@ -129,8 +129,7 @@ def count_examples(config: RunConfig) -> tuple[int, Optional[int], Optional[int]
     records = split_records(config.data, "train")
     if is_local(config.model.path):
         fmt = PromptFormat(load_tokenizer(config.model.path), config.data.prompt_format, config.data.system_prompt)
-        encoded = encode_records(records, fmt, config.training.max_seq_length, config.data.overlength,
-                                 config.data.mask_prompt)
+        encoded = encode_split(config, fmt, "train", records)
         longest = max((len(s.ids) for s in encoded.samples), default=None)
         return len(encoded.samples), encoded.tokens, longest, "tokenized"
     return len(records), None, None, "counted; the tokenizer is not local, so lengths are unchecked"

@@ -4,10 +4,11 @@ directory; training and the PEFT export read it to name the original Hugging Fac
 Nothing here imports MLX.
 """
 
-import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
+
+from .files import read_json_or_empty, write_json_atomic
 
 PROVENANCE = "provenance.json"
 
@@ -27,7 +28,7 @@ class Provenance:
     gguf: Optional[dict] = None
 
     def write(self, model_dir: Path) -> None:
-        (Path(model_dir) / PROVENANCE).write_text(json.dumps(asdict(self), indent=2) + "\n")
+        write_json_atomic(Path(model_dir) / PROVENANCE, asdict(self))
 
     @property
     def hugging_face_model(self) -> Optional[str]:
@@ -48,10 +49,5 @@ def is_hub_snapshot(path: Path) -> bool:
 
 def read_provenance(model_dir: Path) -> Provenance:
     """The record of a converted model; empty for any other directory (or an unreadable record)."""
-    try:
-        raw = json.loads((Path(model_dir) / PROVENANCE).read_text())
-    except (OSError, ValueError):
-        return Provenance()
-    if not isinstance(raw, dict):
-        return Provenance()
+    raw = read_json_or_empty(Path(model_dir) / PROVENANCE)
     return Provenance(**{f.name: raw.get(f.name) for f in fields(Provenance)})

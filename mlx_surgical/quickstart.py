@@ -8,8 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-import mlx.core as mx
-
 from .backend import slow_path_warnings
 from .callbacks import ProgressStyle
 from .config import RunConfig, load_config, preset_path
@@ -18,11 +16,12 @@ from .convert import convert_model
 from .convert.smollm2 import fetch_smollm2
 from .data import read_records, sample_path, to_messages
 from .eval.heldout import combine, example_losses
-from .generate import compare_answers, load_for_generation, prompt_format_for
-from .model import REAL_MODEL_DIR, TINY_MODEL_DIR, model_shape
+from .generate import compare_answers, prompt_format_for
+from .model import model_shape
 from .pipeline import RunResult, encode_split, train_run
 from .rundir import RunDir
 from .shape import ModelShape
+from .surgery import load_with_adapter
 from .tiny import QUICKSTART_SHAPE, build_tiny_model
 
 # A prompt in the shape of the bundled training pairs, for the commands the quickstart suggests.
@@ -93,12 +92,10 @@ def ensure_real_model(model_dir: str | Path, log: Callable[[str], None] = print)
     return convert_model(str(gguf_path), model_dir, bits=None, dtype="float32", log=log)
 
 
-def held_out_loss(config: RunConfig, adapter_dir: Optional[Path] = None) -> Optional[float]:
-    """The validation split's loss for the base model, or base + adapter, prompted as training was."""
-    loaded = load_for_generation(config.model.path, adapter_dir)
-    if config.model.dtype != "auto":
-        loaded.model.set_dtype(getattr(mx, config.model.dtype))
-    samples = encode_split(config, prompt_format_for(loaded, adapter_dir), "valid").samples
+def held_out_loss(config: RunConfig) -> Optional[float]:
+    """The base model's loss on the validation split, prompted as training will prompt it."""
+    loaded = load_with_adapter(config.model.path, dtype=config.model.dtype)
+    samples = encode_split(config, prompt_format_for(loaded), "valid").samples
     if not samples:
         return None
     return combine(example_losses(loaded.model, samples, config.training.max_seq_length), range(len(samples))).loss
@@ -109,7 +106,7 @@ def run_quickstart(out_dir: str = "adapters", model_dir: Optional[str] = None, e
                    real: bool = False) -> QuickstartResult:
     start = time.perf_counter()
     config = load_config(preset_path("smollm2" if real else "tiny"))
-    model_dir = model_dir or (REAL_MODEL_DIR if real else TINY_MODEL_DIR)
+    model_dir = model_dir or config.model.path
     config.model.path = str(model_dir)
     config.output.dir = out_dir
     if epochs is not None:
@@ -133,7 +130,7 @@ def run_quickstart(out_dir: str = "adapters", model_dir: Optional[str] = None, e
 
     held_out = read_records(sample_path("test"))[0]
     prompt = to_messages(held_out)[0][-2]["content"]
-    base_answer, adapted_answer = compare_answers(load_for_generation(str(model_path), run.run_dir), run.run_dir,
+    base_answer, adapted_answer = compare_answers(load_with_adapter(str(model_path), run.run_dir), run.run_dir,
                                                   prompt, max_tokens=64)
     return QuickstartResult(run, model_path, prompt, base_answer, adapted_answer, recent_loss, recent, base_val_loss,
                             time.perf_counter() - start, real)

@@ -5,6 +5,7 @@ These act on a model in memory; the adapter on disk is adapter.py's.
 
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -14,7 +15,9 @@ from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters
 
 from .adapter import AdapterConfig, adapted_layer_count, lora_parameters
 from .config import LoraConfig
+from .console import working
 from .errors import UserError
+from .model import LoadedModel, load_model
 from .shape import ModelShape
 
 
@@ -75,6 +78,17 @@ def apply_adapter(model: nn.Module, adapter_dir: str | Path, shape: ModelShape, 
         raise UserError(f"{adapter_dir}: adapter does not fit {base_path} ({shape.describe()}): {first}") from None
     model.eval()
     return config
+
+
+def load_with_adapter(model_path: str, adapter_dir: Optional[str | Path] = None, progress: bool = False,
+                        where: str = "model.path", dtype: str = "auto") -> LoadedModel:
+    """The base model, with the adapter attached when one is given (base_only below gives the
+    base model's outputs from the same weights)."""
+    with working(f"loading {model_path}", progress):
+        loaded = load_model(model_path, dtype=dtype, where=where)
+    if adapter_dir is not None:
+        apply_adapter(loaded.model, adapter_dir, loaded.shape, model_path)
+    return loaded
 
 
 def lora_modules(model: nn.Module) -> list[tuple[str, LoRALinear]]:

@@ -146,7 +146,7 @@ def compiled_grad_step(model, loss_fn: Callable, compiled_state: list) -> Callab
 
 def train(model, optimizer, loss_fn: Callable, batch_at: Callable[[int], Batch], settings: LoopSettings,
           state: TrainState, eval_fn: Optional[Callable[[], Optional[float]]] = None,
-          callbacks: tuple = (), should_stop: Callable[[], bool] = lambda: False) -> LoopResult:
+          callbacks: tuple[Callback, ...] = (), should_stop: Callable[[], bool] = lambda: False) -> LoopResult:
     """Run optimizer updates from `state.update` to `settings.total_updates`.
 
     batch_at(position) returns the micro-batch at a position in the data order, so a resumed

@@ -57,10 +57,14 @@ def describe_rates(seconds_per_step: dict) -> str:
     return f"{rates} per micro-batch" if rates else ""
 
 
+def this_machine() -> dict:
+    """What a measured choice holds for: the CPU, the BLAS and its kernel set (faster matmuls
+    shift the balance between the paths) and the MLX version."""
+    return {"cpu": cpu_description(), "blas": describe()["blas"], "mlx": mx.__version__}
+
+
 def choice_key(shape: ModelShape, dtype: str, grad_checkpoint: bool) -> str:
-    # The BLAS and its kernel set count too: faster matmuls shift the balance between the paths.
-    parts = [cpu_description(), describe()["blas"], mx.__version__, shape.fingerprint(), str(shape.quant_bits), dtype,
-             str(grad_checkpoint)]
+    parts = [*this_machine().values(), shape.fingerprint(), str(shape.quant_bits), dtype, str(grad_checkpoint)]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
@@ -69,10 +73,9 @@ def cached_choices() -> dict:
 
 
 def choices_in_force() -> list[dict]:
-    """The cached choices a run on this machine would use now: same CPU, BLAS (and its kernel
-    set) and MLX version. Others stay cached for when those come back."""
-    here = {"cpu": cpu_description(), "blas": describe()["blas"], "mlx": mx.__version__}
-    return [c for c in cached_choices().values() if all(c.get(k) == v for k, v in here.items())]
+    """The cached choices a run on this machine would use now; others stay cached for when
+    their CPU, BLAS or MLX comes back."""
+    return [c for c in cached_choices().values() if all(c.get(k) == v for k, v in this_machine().items())]
 
 
 def candidates(model, fast_math: str, dequantize: str) -> list[ComputePath]:
@@ -128,8 +131,7 @@ def choose_path(model, shape: ModelShape, dtype: str, grad_checkpoint: bool, fas
         fastest = min(timings, key=timings.get)
         choice = PathChoice(fastest, "measured", {p.describe(): s for p, s in timings.items()})
         choices = cached_choices()
-        choices[key] = {"cpu": cpu_description(), "blas": describe()["blas"], "mlx": mx.__version__,
-                        "model": shape.describe(), "dtype": dtype,
+        choices[key] = {**this_machine(), "model": shape.describe(), "dtype": dtype,
                         "grad_checkpoint": grad_checkpoint, "path": asdict(fastest),
                         "seconds_per_step": choice.seconds_per_step, "measured": time.strftime("%Y-%m-%d %H:%M")}
         write_json_atomic(cache_dir() / CHOICES_FILE, choices)

@@ -18,9 +18,9 @@ from .config import config_from_dict
 from .errors import TrainingInterrupted, UserError
 from .eval import evaluate_adapter
 from .files import write_json_atomic
-from .jobs import REPORT_FILE, Job, JobStore, StaleWorker
+from .jobs import Job, JobStore, StaleWorker
 from .pipeline import StopFlag, resume_run, train_run
-from .rundir import RunDir, now
+from .rundir import EVAL_JSON, RunDir, now
 
 
 class JobProgress:
@@ -107,7 +107,7 @@ def evaluate_job(store: JobStore, job: Job, progress: JobProgress) -> None:
         progress.finish("failed", f"{type(e).__name__}: {e}")
         raise
     else:
-        write_json_atomic(store.path(job.id) / REPORT_FILE, report)
+        write_json_atomic(store.path(job.id) / EVAL_JSON, report)
         progress.finish("succeeded")
 
 

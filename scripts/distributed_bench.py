@@ -10,7 +10,6 @@ the gradient all-reduce rather than a speed-up; across two Macs each rank has it
 """
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -21,16 +20,16 @@ from pathlib import Path
 from mlx_surgical.backend import cpu_description
 from mlx_surgical.config import config_from_dict, save_config
 from mlx_surgical.data import sample_path
+from mlx_surgical.rundir import RunDir, RunInfo
 from mlx_surgical.tiny import BENCHMARK_SHAPES, TinyShape, build_tiny_model
 
 
 def run(command: list[str], run_dir: Path, env: dict) -> dict:
     subprocess.run(command, check=True, capture_output=True, env=env)
-    info = json.loads((run_dir / "run.json").read_text())
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    rows = [r for r in RunDir(run_dir).metric_rows() if "loss" in r]
     warm = rows[2:]  # the first updates pay for compilation
     seconds = sum(r["seconds"] for r in warm)
-    return {"ranks": info["ranks"], "tokens_per_second": sum(r["tokens_per_second"] * r["seconds"] for r in warm)
+    return {"ranks": RunInfo.load(run_dir).ranks, "tokens_per_second": sum(r["tokens_per_second"] * r["seconds"] for r in warm)
             / seconds, "seconds_per_update": seconds / len(warm)}
 
 

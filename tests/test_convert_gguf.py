@@ -213,7 +213,7 @@ def test_convert_an_ollama_model_by_name(tiny_gguf, tmp_path, monkeypatch):
     assert provenance["gguf"]["ollama_digest"] == f"sha256:{digest}"
     assert json.loads((out / "config.json").read_text())["quantization"]["bits"] == 8
     coder = convert_model("ollama:me/coder:7b", bits=None, dtype="float32")
-    assert coder == Path("models/coder-7b-mlx") and json.loads((coder / "provenance.json").read_text())[
+    assert coder == Path("models/coder-7b-float32") and json.loads((coder / "provenance.json").read_text())[
         "gguf"]["quantization"] == "ALL_F32"
     with pytest.raises(UserError, match=r"ollama:tiny:13b: no manifest at .*pull it with `ollama pull tiny:13b`"):
         convert_model("ollama:tiny:13b")

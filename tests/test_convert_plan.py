@@ -57,12 +57,12 @@ def test_qlora_trains_on_the_4bit_base_and_fuses(quantized, tmp_path):
     from conftest import short_config
 
     from mlx_surgical.export import export_adapter
-    from mlx_surgical.generate import load_for_generation
+    from mlx_surgical.surgery import load_with_adapter
     from mlx_surgical.pipeline import train_run
 
     run = train_run(short_config(quantized[4], tmp_path, iters=4), progress=False, log=lambda _: None)
     assert run.final_loss < run.first_loss + 0.5 and np.isfinite(run.final_loss)
-    adapted = np.array(load_for_generation(str(quantized[4]), run.run_dir).model(IDS))
+    adapted = np.array(load_with_adapter(str(quantized[4]), run.run_dir).model(IDS))
     fused = export_adapter(run.run_dir, "fused", tmp_path / "fused", dequantize=True)
     config = json.loads((fused / "config.json").read_text())
     assert "quantization" not in config

@@ -21,7 +21,7 @@ from mlx_surgical.eval.disturbance import example_kl, neutral_records, reference
 from mlx_surgical.eval.examples import extract_code, read_examples
 from mlx_surgical.eval.passk import pass_at_k
 from mlx_surgical.eval.sandbox import Sandbox
-from mlx_surgical.generate import load_for_generation
+from mlx_surgical.surgery import load_with_adapter
 from mlx_surgical.model import load_model
 from mlx_surgical.pipeline import train_run, validate_run
 from mlx_surgical.registry import show
@@ -109,7 +109,7 @@ def test_report_files_and_figures(report):
 def test_held_out_loss_equals_a_plain_full_logits_computation(report, tiny_model):
     """Base from a separately loaded base model, adapted from base + adapter: both by hand."""
     run_dir, data, result = report
-    adapted = load_for_generation(str(tiny_model), run_dir, dtype="float32")
+    adapted = load_with_adapter(str(tiny_model), run_dir, dtype="float32")
     base = load_model(str(tiny_model), dtype="float32")
     fmt = PromptFormat(base.tokenizer)
     samples = encode_records(read_records(data), fmt, 512, "truncate", True).samples
@@ -127,7 +127,7 @@ def test_held_out_loss_equals_a_plain_full_logits_computation(report, tiny_model
 
 
 def test_zero_adapter_disturbs_nothing_and_a_trained_one_does(run_copy, tiny_model):
-    trained = load_for_generation(str(tiny_model), run_copy, dtype="float32")
+    trained = load_with_adapter(str(tiny_model), run_copy, dtype="float32")
     samples = encode_records(neutral_records(), PromptFormat(trained.tokenizer), 512, "truncate", True).samples
     assert sum(kl for kl, _ in example_kl(trained.model, samples)) > 0
 

@@ -13,14 +13,14 @@ import pytest
 from mlx_surgical.errors import UserError
 from mlx_surgical.export import export_adapter
 from mlx_surgical.adapter import read_adapter
-from mlx_surgical.generate import load_for_generation
+from mlx_surgical.surgery import load_with_adapter
 from mlx_surgical.model import load_model
 
 PROMPT_IDS = [1, 366, 480, 492, 511, 475, 469, 402, 268, 305, 366, 486, 480, 436, 290, 274]
 
 
 def adapted_logits(tiny_model, run_dir) -> np.ndarray:
-    loaded = load_for_generation(str(tiny_model), run_dir)
+    loaded = load_with_adapter(str(tiny_model), run_dir)
     return np.array(loaded.model(mx.array([PROMPT_IDS])))
 
 
@@ -172,7 +172,7 @@ def test_fused_model_matches_base_plus_adapter(trained_run, tiny_model, tmp_path
 
 def test_adapter_refuses_a_base_model_of_another_shape(trained_run, other_tiny_model):
     with pytest.raises(UserError, match=r"trained on .*tiny-llama .*not on .*other"):
-        load_for_generation(str(other_tiny_model), trained_run)
+        load_with_adapter(str(other_tiny_model), trained_run)
 
 
 def test_unknown_format_and_missing_adapter_are_refused(trained_run, tmp_path):

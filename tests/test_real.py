@@ -15,7 +15,8 @@ from mlx_surgical.convert.smollm2 import GGUF_SHA256
 from mlx_surgical.config import load_config, preset_path
 from mlx_surgical.data import read_records, sample_path, to_messages
 from mlx_surgical.export import export_adapter
-from mlx_surgical.generate import answer, load_for_generation, prompt_format_for
+from mlx_surgical.generate import answer, prompt_format_for
+from mlx_surgical.surgery import load_with_adapter
 from mlx_surgical.model import load_model
 from mlx_surgical.provenance import read_provenance
 from mlx_surgical.quickstart import held_out_loss
@@ -35,7 +36,7 @@ def ids(smollm2_float32) -> list[int]:
 
 
 def mlx_logits(model_dir, ids, adapter=None) -> np.ndarray:
-    loaded = load_for_generation(str(model_dir), adapter)
+    loaded = load_with_adapter(str(model_dir), adapter)
     loaded.model.set_dtype(mx.float32)
     return np.array(loaded.model(mx.array([ids])))[0]
 
@@ -95,8 +96,8 @@ def test_a_short_surgical_run_lowers_the_held_out_loss(smollm2_run, smollm2_floa
 def test_generation_takes_the_trained_answer_format(smollm2_run, smollm2_float32):
     held_out = read_records(sample_path("test"))[0]  # not in the training data
     prompt = to_messages(held_out)[0][-2]["content"]
-    base = load_for_generation(str(smollm2_float32))
-    adapted = load_for_generation(str(smollm2_float32), smollm2_run.run_dir)
+    base = load_with_adapter(str(smollm2_float32))
+    adapted = load_with_adapter(str(smollm2_float32), smollm2_run.run_dir)
     base_answer = answer(base, prompt_format_for(base), prompt, max_tokens=24)
     adapted_answer = answer(adapted, prompt_format_for(adapted, smollm2_run.run_dir), prompt, max_tokens=24)
     assert adapted_answer.startswith("Here is the function:\n\n```python\ndef unique_items("), adapted_answer

@@ -16,7 +16,8 @@ from mlx_surgical.cli import cli
 from mlx_surgical.data import sample_path
 from mlx_surgical.errors import UserError
 from mlx_surgical.export import export_adapter
-from mlx_surgical.generate import answer, load_for_generation, prompt_format_for
+from mlx_surgical.generate import answer, prompt_format_for
+from mlx_surgical.surgery import load_with_adapter
 from mlx_surgical.pipeline import resume_run
 from mlx_surgical.registry import list_adapters, verify
 from mlx_surgical.rundir import RunDir, RunInfo
@@ -118,7 +119,7 @@ def test_run_directory_from_the_previous_layout_still_loads(tiny_model, tmp_path
     peft = export_adapter(run_dir, "peft", tmp_path / "peft")
     assert json.loads((peft / "adapter_config.json").read_text())["lora_alpha"] == 16.0
 
-    adapted = load_for_generation(str(tiny_model), run_dir)
+    adapted = load_with_adapter(str(tiny_model), run_dir)
     assert prompt_format_for(adapted, run_dir).style == "llama2"
     assert isinstance(answer(adapted, prompt_format_for(adapted, run_dir), "Write add.", max_tokens=4), str)
 

@@ -9,7 +9,7 @@ from typing import Callable, Optional
 from ..backend import HALF_PRECISION_SLOWDOWN, default_convert_dtype
 from ..errors import UserError
 from ..forward import on_cpu_backend
-from ..model import PRESET_SOURCES, looks_like_local_path
+from ..model import PRESET_SOURCES, converted_folder, looks_like_local_path
 from . import gguf, hf, ollama
 
 __all__ = ["convert_model", "source_kind"]
@@ -21,11 +21,6 @@ def source_kind(source: str) -> str:
     if source.startswith(ollama.PREFIX):
         return "ollama"
     return "gguf" if Path(source).expanduser().is_file() else "hf"
-
-
-def default_output(name: str, bits: Optional[int]) -> Path:
-    suffix = f"{bits}bit" if bits else "mlx"
-    return Path("models") / f"{name}-{suffix}"
 
 
 def convert_model(source: str, out: Optional[str | Path] = None, bits: Optional[int] = 4, group_size: int = 64,
@@ -46,6 +41,7 @@ def convert_model(source: str, out: Optional[str | Path] = None, bits: Optional[
     if kind != "hf" and revision:
         raise UserError(f"--revision: applies to Hugging Face repo ids, not to {source}")
     model = ollama.find_model(source[len(ollama.PREFIX):]) if kind == "ollama" else None
+    chosen_dtype = dtype or default_convert_dtype()
     if out is None:
         if model:
             name = model.short_name
@@ -53,12 +49,12 @@ def convert_model(source: str, out: Optional[str | Path] = None, bits: Optional[
             name = Path(source).expanduser().stem
         else:
             name = Path(source.rstrip("/")).name
-        out = default_output(name, bits)
+        out = converted_folder(name, bits, chosen_dtype)
     out = Path(out)
     if out.exists() and not force:
         raise UserError(f"{out}: already exists; choose another --out or pass --force to replace it")
     if dtype is None:
-        dtype = default_convert_dtype()
+        dtype = chosen_dtype
         if on_cpu_backend():
             log(f"MLX runs on the CPU here: writing the unquantized parts in float32, which trains about "
                 f"{HALF_PRECISION_SLOWDOWN}x faster here than float16 (--dtype to choose)")

@@ -17,9 +17,7 @@ K-quants) is dequantized by the gguf package, cast to `dtype` and, with `bits`, 
 like a Hugging Face source. The file is read through a memory map, one tensor at a time.
 """
 
-import hashlib
 from collections import Counter
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
@@ -36,8 +34,9 @@ from transformers import AutoTokenizer
 from ..console import working
 from ..errors import UserError
 from ..export.gguf import GGUF_NAMES
-from ..files import staged_directory
+from ..files import sha256_file, staged_directory
 from ..provenance import Provenance
+from ..rundir import now
 from ..shape import PROJECTION_PATHS
 
 ARCHITECTURE = "llama"
@@ -221,14 +220,6 @@ def quantization_config(quantized: dict[str, dict]) -> dict:
             **{m: q for m, q in sorted(quantized.items()) if (q["group_size"], q["bits"]) != (group_size, bits)}}
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def save_tokenizer(path: Path, out: Path, reader) -> None:
     kind = metadata(reader, "tokenizer.ggml.model")
     if kind is None:
@@ -270,10 +261,10 @@ def write_model_dir(reader, path: Path, out: Path, config: dict, bits: Optional[
             group_size=group_size if bits else None,
             dtype=dtype,
             converted_with=f"mlx-lm {mlx_lm.__version__}",
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            created=now(),
             gguf={
                 "file": str(path.resolve()),
-                "sha256": file_sha256(path),
+                "sha256": sha256_file(path),
                 "size_bytes": path.stat().st_size,
                 "quantization": quantization,
                 "tensor_types": dict(Counter(t.tensor_type.name for t in reader.tensors).most_common()),

@@ -8,7 +8,6 @@ import contextlib
 import io
 import json
 import shutil
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
@@ -19,6 +18,7 @@ from ..console import working
 from ..files import staged_directory
 from ..model import local_model_dir, mlx_lm_rope
 from ..provenance import Provenance, is_hub_snapshot
+from ..rundir import now
 from ..shape import check_llama_family, read_model_config
 
 
@@ -50,7 +50,7 @@ def convert(source: str, out: Path, bits: Optional[int], group_size: int, dtype:
             group_size=group_size if bits else None,
             dtype=dtype,
             converted_with=f"mlx-lm {mlx_lm.__version__}",
-            created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            created=now(),
         ).write(staging)
         tokenizer_model = model_dir / "tokenizer.model"
         if tokenizer_model.exists() and not (staging / "tokenizer.model").exists():

@@ -10,7 +10,6 @@ of the comparison come from one set of weights (`surgery.base_only`).
 import time
 from collections import defaultdict
 from dataclasses import asdict, replace
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -19,10 +18,10 @@ from ..config import (DataConfig, EvalConfig, RunConfig, TrainingConfig, eval_pr
                       resolve_data_path)
 from ..data import encode_records, read_records, split_records
 from ..errors import UserError
-from ..generate import load_for_generation, prompt_format_for
+from ..generate import prompt_format_for
 from ..model import LoadedModel
-from ..rundir import EVAL_JSON, EVAL_MD, RunDir, RunInfo, require_directory
-from ..surgery import base_only
+from ..rundir import EVAL_JSON, EVAL_MD, RunDir, RunInfo, now, require_directory
+from ..surgery import base_only, load_with_adapter
 from .disturbance import example_kl, neutral_records, reference_records
 from .examples import EvalExample, read_examples
 from .heldout import combine, example_losses
@@ -144,7 +143,7 @@ def evaluate_adapter(adapter_dir: str | Path, model: Optional[str] = None, data:
 
     if loaded is None:
         log(f"loading {model_path} with the adapter in {adapter_dir}")
-        loaded = load_for_generation(model_path, adapter_dir, where="--model" if model else "model.path",
+        loaded = load_with_adapter(model_path, adapter_dir, where="--model" if model else "model.path",
                                      dtype=run.model.dtype if run else "auto")
     loaded.model.eval()  # no LoRA dropout
     fmt = prompt_format_for(loaded, adapter_dir)
@@ -179,7 +178,7 @@ def evaluate_adapter(adapter_dir: str | Path, model: Optional[str] = None, data:
 
     report = {
         "version": 1,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": now(),
         "adapter": str(adapter_dir),
         "base_model": model_path,
         "data": {"source": source, "examples": len(records), "scored": len(held_out.samples),

@@ -12,16 +12,15 @@ from mlx_lm.utils import dequantize_model, save_config, save_model
 from ..adapter import Adapter
 from ..errors import UserError
 from ..files import staged_directory
-from ..model import load_model, with_mlx_lm_rope
-from ..surgery import apply_adapter, fuse_lora
+from ..model import with_mlx_lm_rope
+from ..surgery import fuse_lora, load_with_adapter
 
 
 def write(adapter: Adapter, out: Path, base_model: Optional[str] = None, dequantize: bool = False) -> Path:
     base = base_model or adapter.config.local_base_model
     if not base:
         raise UserError(f"{adapter.directory}: the adapter does not name its base model; pass --base-model")
-    loaded = load_model(base)
-    apply_adapter(loaded.model, adapter.directory, loaded.shape, base)
+    loaded = load_with_adapter(base, adapter.directory)
     model = fuse_lora(loaded.model, dequantize=dequantize)
     config = with_mlx_lm_rope(json.loads((loaded.path / "config.json").read_text()), str(loaded.path))
     if dequantize:

@@ -2,7 +2,7 @@
 the dashboard at `/`, which calls these same routes and nothing else.
 
     curl -X POST http://127.0.0.1:5001/api/training/start -H "Content-Type: application/json" \\
-         -d @surgical_training_config_full.json
+         -d @configs/tiny.json
 
 The body is the same JSON config the CLI takes (examples inline, or files inside the
 workspace). Training runs in a worker process, one job at a time; the server only answers.
