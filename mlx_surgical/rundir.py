@@ -26,6 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
+from .config import OutputConfig
 from .console import command_line, resume_command
 from .errors import Conflict, UserError
 from .files import is_staging, read_json_or_empty, read_jsonl, remove_staging_leftovers, sha256_file, \
@@ -58,7 +59,7 @@ def require_directory(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_dir():
         root = path.parent
-        listing = (command_line("mlx-surgical", "adapters", "list") if root == Path("adapters")
+        listing = (command_line("mlx-surgical", "adapters", "list") if root == Path(OutputConfig.dir)
                    else command_line("mlx-surgical", "adapters", "--root", root, "list"))
         raise UserError(f"{path}: no such directory; `{listing}` shows the runs in {root}")
     return path
@@ -163,6 +164,11 @@ class RunDir:
 
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def default_run_name(prefix: str, started: Optional[datetime] = None) -> str:
+    """A run's name when output.name is unset: what started it and when, e.g. my_run-20261201-093000."""
+    return f"{prefix}-{(started or datetime.now()).strftime('%Y%m%d-%H%M%S')}"
 
 
 @dataclass

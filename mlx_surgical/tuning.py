@@ -18,7 +18,7 @@ from typing import Callable
 
 import mlx.core as mx
 
-from .backend import cache_dir, cpu_description, describe
+from .backend import blas_warning, cache_dir, cpu_description, describe, machine_memory_gb, measure_sgemm_gflops
 from .files import read_json_or_empty, write_json_atomic
 from .forward import on_cpu_backend, quantized_layers, set_dequantized_matmuls
 from .shape import ModelShape
@@ -61,6 +61,28 @@ def this_machine() -> dict:
     """What a measured choice holds for: the CPU, the BLAS and its kernel set (faster matmuls
     shift the balance between the paths) and the MLX version."""
     return {"cpu": cpu_description(), "blas": describe()["blas"], "mlx": mx.__version__}
+
+
+def doctor_lines() -> list[str]:
+    """What `mlx-surgical doctor` prints: the machine, its BLAS and measured speed, and the
+    compute paths measured on it that runs now use."""
+    gflops = measure_sgemm_gflops()
+    memory = machine_memory_gb()
+    lines = [f"{'cpu':<8} {cpu_description()}", *(f"{key:<8} {value}" for key, value in describe().items()),
+             f"sgemm    {gflops:.1f} GFLOP/s (float32 512x512)",
+             f"memory   {memory:.1f} GB" if memory else "memory   unknown"]
+    advice = blas_warning() or ("matrix multiply is slow on this machine; expect long runs" if gflops < 10 else None)
+    if advice:
+        lines.append(f"advice   {advice}")
+    choices = choices_in_force()
+    for c in choices:
+        checkpointed = ", grad_checkpoint" if c["grad_checkpoint"] else ""
+        lines.append(f"path     {c['model']} ({c['dtype']}{checkpointed}): {ComputePath(**c['path']).describe()}; "
+                     f"measured {c['measured']}: {describe_rates(c['seconds_per_step'])}")
+    if not choices:
+        lines.append("path     no compute path measured on this CPU, BLAS and MLX yet: the first training run of a "
+                     "model measures")
+    return lines
 
 
 def choice_key(shape: ModelShape, dtype: str, grad_checkpoint: bool) -> str:

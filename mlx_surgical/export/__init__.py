@@ -5,6 +5,7 @@ own format; `export_adapter` picks one by name. Only the fused model needs MLX, 
 also run in processes that never load it (the server).
 """
 
+import shutil
 from pathlib import Path
 from typing import Optional
 
@@ -30,3 +31,13 @@ def export_adapter(adapter_dir: str | Path, fmt: str, out: Optional[str | Path] 
 
         return fused.write(adapter, out, base_model=base_model, dequantize=dequantize)
     return WRITERS[fmt](adapter, out)
+
+
+def export_archive(adapter_dir: str | Path, fmt: str, scratch: Path) -> Path:
+    """A zip of `adapter_dir` exported in one of the formats that need no base model (WRITERS),
+    written in `scratch`, which the caller removes when the archive has been sent."""
+    if fmt not in WRITERS:
+        raise UserError(f"format: unknown format '{fmt}'; choose {', '.join(WRITERS)}")
+    name = f"{Path(adapter_dir).name}-{fmt}"
+    out = export_adapter(adapter_dir, fmt, scratch / name)
+    return Path(shutil.make_archive(str(scratch / name), "zip", root_dir=out.parent, base_dir=out.name))

@@ -28,8 +28,8 @@ from .. import __version__
 from ..backend import describe
 from ..config import parse_json_file, preset_names, preset_path, settings_help
 from ..errors import Conflict, NotFound, UserError, parse_user_json
-from ..export import export_adapter
-from ..jobs import DEFAULT_KEEP_FINISHED, FINISHED, JobStore, Scheduler, prepare_config, prepare_eval
+from ..export import export_archive
+from ..jobs import DEFAULT_KEEP_FINISHED, JobStore, Scheduler, prepare_config, prepare_eval
 from ..registry import find, list_adapters, show, verify
 from ..rundir import RunDir
 from .guard import LOOPBACK, WILDCARD, RequestGuard, problem
@@ -37,7 +37,6 @@ from .workspace import remove_run, save_upload
 
 DEFAULT_MAX_BODY = 20 * 1024 * 1024
 STATIC = Path(__file__).parent / "static"
-SERVED_FORMATS = ("mlx", "peft", "gguf")
 # The dashboard loads only its own files and talks only to this server; no page may frame it.
 PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; frame-ancestors 'none'",
                 "X-Frame-Options": "DENY", "Referrer-Policy": "no-referrer", "Cache-Control": "no-store"}
@@ -167,18 +166,9 @@ def create_app(workspace: Path, token: Optional[str] = None, max_body: int = DEF
     async def events(job_id: str):
         store.get(job_id)
 
-        async def stream():
-            sent = 0
-            while True:
-                current = store.get(job_id)  # read before the events: a finished job has written them all
-                events = store.events(job_id)
-                for event in events[sent:]:
-                    yield f"data: {json.dumps(event)}\n\n"
-                sent = len(events)
-                if current.state in FINISHED:
-                    yield f"event: state\ndata: {json.dumps(current.public())}\n\n"
-                    return
-                await asyncio.sleep(0.2)
+        async def stream():  # server-sent events: the final state as its own event type
+            async for kind, data in store.follow(job_id):
+                yield ("event: state\n" if kind == "state" else "") + f"data: {json.dumps(data)}\n\n"
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 
@@ -242,14 +232,13 @@ def create_app(workspace: Path, token: Optional[str] = None, max_body: int = DEF
 
     @app.get("/api/adapters/{name}/export")
     async def export(name: str, format: str = "mlx"):
-        if format not in SERVED_FORMATS:
-            return problem(422, f"format: unknown format '{format}'; choose mlx, peft or gguf")
-        run_dir = in_workspace(name)
         scratch = Path(tempfile.mkdtemp(prefix="export-"))
-        out = await asyncio.to_thread(export_adapter, run_dir, format, scratch / f"{run_dir.name}-{format}")
-        archive = shutil.make_archive(str(scratch / f"{run_dir.name}-{format}"), "zip",
-                                      root_dir=out.parent, base_dir=out.name)
-        return FileResponse(archive, filename=Path(archive).name, media_type="application/zip",
+        try:
+            archive = await asyncio.to_thread(export_archive, in_workspace(name), format, scratch)
+        except BaseException:
+            shutil.rmtree(scratch, True)
+            raise
+        return FileResponse(archive, filename=archive.name, media_type="application/zip",
                             background=BackgroundTask(shutil.rmtree, scratch, True))
 
     return app

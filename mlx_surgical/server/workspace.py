@@ -9,7 +9,7 @@ from ..config import RUN_NAME_CHARS
 from ..data import check_records, read_records
 from ..errors import Conflict, UserError
 from ..files import write_text_atomic
-from ..jobs import FINISHED, JobStore
+from ..jobs import JobStore
 from ..registry import remove
 
 UPLOADS = "uploads"
@@ -47,7 +47,6 @@ def save_upload(store: JobStore, raw: Any) -> dict:
 
 def remove_run(store: JobStore, name: str) -> Path:
     """Delete a run's directory, unless a job is queued for it or training it."""
-    for job in store.all():
-        if job.run_name == name and job.state not in FINISHED:
-            raise Conflict(f"adapter '{name}': job {job.id} is {job.state} on it; stop it first")
+    if busy := store.unfinished(name):
+        raise Conflict(f"adapter '{name}': job {busy[0].id} is {busy[0].state} on it; stop it first")
     return remove(store.adapters, name)
