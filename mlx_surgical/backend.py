@@ -143,9 +143,7 @@ def keep_freed_memory() -> None:
     the kernel. Serving blocks up to 32 MB (glibc's maximum) from the heap and not trimming it
     cut the faults five-fold and made training 10% faster; peak memory is unchanged, as the
     same peak is reached either way."""
-    import mlx.core as mx
-
-    if platform.system() != "Linux" or mx.default_device() != mx.cpu:
+    if platform.system() != "Linux" or not on_cpu_backend():
         return
     try:
         mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
@@ -156,27 +154,29 @@ def keep_freed_memory() -> None:
     mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1)
 
 
-def _on_cpu() -> bool:
-    from .forward import on_cpu_backend  # loads MLX, which this module must not do at import
+def on_cpu_backend() -> bool:
+    """MLX runs on its CPU backend: no fast vectorised exp, no fast quantized matmul, and BLAS
+    speed only in float32."""
+    import mlx.core as mx  # not at the top: this module runs before MLX may be loaded (ensure_fast_blas)
 
-    return on_cpu_backend()
+    return mx.default_device() == mx.cpu
 
 
 def training_dtype(requested: str) -> str:
     """model.dtype as training uses it: 'auto' is float32 on the CPU backend, where it is the
     only dtype that reaches the fast BLAS, and the stored dtype elsewhere (Metal, CUDA)."""
-    return "float32" if requested == "auto" and _on_cpu() else requested
+    return "float32" if requested == "auto" and on_cpu_backend() else requested
 
 
 def default_convert_dtype() -> str:
     """The dtype `convert` writes unquantized parts in: what trains fastest on this backend."""
-    return "float32" if _on_cpu() else "float16"
+    return "float32" if on_cpu_backend() else "float16"
 
 
 def blas_warning() -> Optional[str]:
     """Why MLX's CPU backend on Linux runs with the slow reference BLAS, and the fix; None when
     it does not."""
-    if platform.system() != "Linux" or not _on_cpu() or openblas_preloaded():
+    if platform.system() != "Linux" or not on_cpu_backend() or openblas_preloaded():
         return None
     library = find_openblas()
     if library is None:
@@ -196,7 +196,7 @@ def machine_memory_gb() -> Optional[float]:
 def slow_path_warnings(config: "RunConfig", shape: "ModelShape") -> list[str]:
     """One line for each way this run would train much slower than it could on this machine,
     with the factor and the exact fix. Empty on Metal and CUDA."""
-    if not _on_cpu():
+    if not on_cpu_backend():
         return []
     warnings = [blas_warning()]
     dtype = training_dtype(config.model.dtype)

@@ -93,11 +93,6 @@ def _swiglu_vjp(primals, cotangents, outputs):
     return grad_out * up * (sigmoid + silu * (1.0 - sigmoid)), grad_out * silu
 
 
-def on_cpu_backend() -> bool:
-    """Only MLX's CPU backend lacks a fast vectorised exp and a fast quantized matmul."""
-    return mx.default_device() == mx.cpu
-
-
 def _float_weight(layer, dtype) -> mx.array:
     weight = mx.dequantize(layer["weight"], layer["scales"], layer.get("biases"), layer.group_size, layer.bits,
                            mode=layer.mode)

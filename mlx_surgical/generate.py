@@ -7,8 +7,8 @@ from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
 from .adapter import AdapterConfig
-from .data import PromptFormat
 from .model import LoadedModel
+from .prompt import PromptFormat
 from .surgery import base_only
 
 

@@ -1,6 +1,6 @@
 """Training losses: token-summed cross-entropy on the learned (response) tokens.
 
-Both losses take (inputs, targets, loss_index, loss_weight) from `data.collate`: loss_index
+Both losses take (inputs, targets, loss_index, loss_weight) from `batches.collate`: loss_index
 lists the flat (row * width + column) positions whose next token is learned, padded to a
 bucket with weight 0, so the compiled step sees few shapes. They return the summed loss and
 the token count; the training loop divides, which keeps gradient accumulation exact.

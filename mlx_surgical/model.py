@@ -171,7 +171,7 @@ def model_shape(path: str, revision: Optional[str] = None, download: bool = Fals
 
 
 def quiet_tokenizer(tokenizer):
-    """Lengths are checked against training.max_seq_length by data.py; transformers' own warning
+    """Lengths are checked against training.max_seq_length by prompt.py; transformers' own warning
     about the model's nominal maximum would only confuse."""
     tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
     return tokenizer

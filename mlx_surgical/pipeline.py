@@ -23,11 +23,12 @@ import mlx_lm
 from . import __version__
 from .adapter import AdapterConfig, PromptRecord, lora_problems, write_adapter
 from .backend import keep_freed_memory, slow_path_warnings, training_dtype
+from .batches import BatchStream, eval_batches
 from .callbacks import Checkpointer, ConsoleProgress, MetricsFile, ProgressStyle, plot_losses
 from .checkpoint import TrainState, latest_checkpoint, load_checkpoint
 from .config import RunConfig, config_from_dict, parse_json_file, per_rank_batch, save_config
 from .console import command_line, counted, resume_command, working
-from .data import BatchStream, EncodedData, PromptFormat, Record, encode_records, eval_batches, split_records
+from .data import Record, split_records
 from .errors import TrainingDiverged, TrainingInterrupted, UserError
 from .eval import evaluate_adapter
 from .eval.examples import read_examples
@@ -36,9 +37,9 @@ from .files import write_text_atomic
 from .loss import training_loss
 from .model import (inspect_model_dir, is_local, load_model, load_tokenizer, local_model_dir, looks_like_local_path,
                     model_shape)
+from .prompt import EncodedData, PromptFormat, encode_records
 from .rundir import (FINISHED, BaseModelInfo, BestInfo, DataInfo, FinalInfo, RunDir, RunInfo, claim_run,
-                     default_run_name, now,
-                     output_location_problems, output_problems, require_directory)
+                     default_run_name, now, output_location_problems, output_problems, require_directory)
 from .surgery import adapter_weights, attach_lora
 from .train import (LoopSettings, evaluate, learning_rate_schedule, make_optimizer, schedule_for, train)
 from .tuning import choose_path

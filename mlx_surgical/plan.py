@@ -14,15 +14,16 @@ from dataclasses import replace
 from typing import Callable, Optional
 
 from .adapter import adapted_layer_count
-from .backend import machine_memory_gb, slow_path_warnings, training_dtype
+from .backend import machine_memory_gb, on_cpu_backend, slow_path_warnings, training_dtype
+from .batches import padded_length
 from .config import LoraConfig, RunConfig, TrainingConfig, per_rank_batch
 from .console import counted, working
-from .data import PromptFormat, padded_length, split_records
+from .data import split_records
 from .errors import UserError
-from .forward import on_cpu_backend
 from .loss import loss_chunk_rows
 from .model import how_to_create, is_local, load_tokenizer, looks_like_local_path, model_shape
 from .pipeline import encode_split, train_run
+from .prompt import PromptFormat
 from .rundir import RunDir
 from .shape import ModelShape
 from .train import schedule_for
@@ -154,7 +155,7 @@ def plan_run(config: RunConfig, probe: bool = True, ranks: int = 1, log: Callabl
     examples, tokens, longest, how_counted = count_examples(config)
     schedule = schedule_for(examples, config.training)
     dtype_bytes = 4 if training_dtype(config.model.dtype) == "float32" else 2
-    # Padding rounds a batch up to a bucket (data.bucket).
+    # Padding rounds a batch up to a bucket (batches.bucket).
     seq_len = padded_length(longest, config.training.max_seq_length) if longest else None
     # Memory is per rank: each holds the whole model and its share of the batch.
     memory = memory_estimate(shape, lora_params, replace(t, batch_size=per_rank), dtype_bytes, seq_len)

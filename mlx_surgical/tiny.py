@@ -140,7 +140,7 @@ def train_sentencepiece(vocab_size: int) -> bytes:
 
 TOKENIZER_CONFIG = {
     # CodeLlama-Instruct ships no chat template either, so the tiny model exercises the
-    # [INST] fallback in data.py exactly as the real model does.
+    # [INST] fallback in prompt.py exactly as the real model does.
     "tokenizer_class": "LlamaTokenizer",
     "bos_token": "<s>",
     "eos_token": "</s>",

@@ -21,8 +21,8 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map
 
+from .batches import Batch
 from .checkpoint import TrainState
-from .data import Batch
 from .config import TrainingConfig
 from .errors import TrainingDiverged, TrainingInterrupted
 

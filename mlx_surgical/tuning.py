@@ -18,9 +18,10 @@ from typing import Callable
 
 import mlx.core as mx
 
-from .backend import blas_warning, cache_dir, cpu_description, describe, machine_memory_gb, measure_sgemm_gflops
+from .backend import (blas_warning, cache_dir, cpu_description, describe, machine_memory_gb, measure_sgemm_gflops,
+                      on_cpu_backend)
 from .files import read_json_or_empty, write_json_atomic
-from .forward import on_cpu_backend, quantized_layers, set_dequantized_matmuls
+from .forward import quantized_layers, set_dequantized_matmuls
 from .shape import ModelShape
 from .train import compiled_grad_step
 

@@ -18,13 +18,14 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map
 from mlx_lm.models.llama import Model, ModelArgs
 
+from mlx_surgical.backend import on_cpu_backend
+from mlx_surgical.batches import collate
 from mlx_surgical.checkpoint import TrainState
 from mlx_surgical.config import LoraConfig, TrainingConfig
-from mlx_surgical.data import Sample, collate
-from mlx_surgical.forward import on_cpu_backend
 from mlx_surgical.loss import training_loss
-from mlx_surgical.shape import ModelShape
 from mlx_surgical.plan import lora_parameter_count, memory_estimate
+from mlx_surgical.prompt import Sample
+from mlx_surgical.shape import ModelShape
 from mlx_surgical.surgery import attach_lora
 from mlx_surgical.train import LoopSettings, make_optimizer, train
 

@@ -42,7 +42,8 @@ ensure_fast_blas()  # before mlx is imported, like the CLI
 
 from mlx_surgical.backend import CACHE_ENV, cpu_description, describe, measure_sgemm_gflops  # noqa: E402
 from mlx_surgical.config import config_from_dict, save_config  # noqa: E402
-from mlx_surgical.data import PromptFormat, read_records, sample_path, to_messages  # noqa: E402
+from mlx_surgical.data import read_records, sample_path, to_messages  # noqa: E402
+from mlx_surgical.prompt import PromptFormat  # noqa: E402
 from mlx_surgical.rundir import RunDir, RunInfo  # noqa: E402
 from mlx_surgical.tiny import BENCHMARK_SHAPES, build_tiny_model  # noqa: E402
 

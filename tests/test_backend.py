@@ -45,8 +45,7 @@ def test_this_test_session_runs_with_openblas_too():
 
 
 def test_slow_paths_are_named_with_their_factor_and_fix(make_config):
-    from mlx_surgical.backend import slow_path_warnings, training_dtype
-    from mlx_surgical.forward import on_cpu_backend
+    from mlx_surgical.backend import on_cpu_backend, slow_path_warnings, training_dtype
     from mlx_surgical.shape import ModelShape
 
     config = make_config()

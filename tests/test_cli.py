@@ -67,8 +67,7 @@ def test_every_suggested_command_pastes_into_bash(make_config, tmp_path, pasted)
     reaches the program with exactly the intended arguments."""
     from conftest import AWKWARD_NAME
 
-    from mlx_surgical.backend import slow_path_warnings
-    from mlx_surgical.forward import on_cpu_backend
+    from mlx_surgical.backend import on_cpu_backend, slow_path_warnings
     from mlx_surgical.errors import TrainingInterrupted
     from mlx_surgical.pipeline import RunResult, StopFlag, train_run
     from mlx_surgical.provenance import Provenance

@@ -11,7 +11,7 @@ from mlx_surgical.cli import cli
 from mlx_surgical.config import config_from_dict, preset_path
 from mlx_surgical.convert import convert_model
 from mlx_surgical.errors import UserError
-from mlx_surgical.forward import on_cpu_backend
+from mlx_surgical.backend import on_cpu_backend
 from mlx_surgical.model import load_model
 from mlx_surgical.plan import format_plan, plan_run
 

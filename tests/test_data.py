@@ -2,10 +2,11 @@ import json
 
 import pytest
 
-from mlx_surgical.data import (BatchStream, PromptFormat, bucket, collate, encode_records, inline_records,
-                               read_records, sample_path, to_messages)
+from mlx_surgical.batches import BatchStream, bucket, collate
+from mlx_surgical.data import inline_records, read_records, sample_path, to_messages
 from mlx_surgical.errors import UserError
 from mlx_surgical.model import load_tokenizer
+from mlx_surgical.prompt import PromptFormat, encode_records
 
 
 @pytest.fixture(scope="module")

@@ -14,18 +14,19 @@ from click.testing import CliRunner
 
 from mlx_surgical.cli import cli
 from mlx_surgical.config import config_from_dict
-from mlx_surgical.data import PromptFormat, encode_records, read_records
+from mlx_surgical.data import read_records
 from mlx_surgical.errors import UserError
 from mlx_surgical.eval import evaluate_adapter
 from mlx_surgical.eval.disturbance import example_kl, neutral_records, reference_records
 from mlx_surgical.eval.examples import extract_code, read_examples
 from mlx_surgical.eval.passk import pass_at_k
 from mlx_surgical.eval.sandbox import Sandbox
-from mlx_surgical.surgery import load_with_adapter
 from mlx_surgical.model import load_model
 from mlx_surgical.pipeline import train_run, validate_run
+from mlx_surgical.prompt import PromptFormat, encode_records
 from mlx_surgical.registry import show
 from mlx_surgical.rundir import ADAPTER_FILE
+from mlx_surgical.surgery import load_with_adapter
 
 SQUARE_PROMPT = 'def square(x):\n    """Return x squared."""\n'
 PROBLEMS = [

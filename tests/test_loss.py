@@ -12,11 +12,12 @@ import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 
 from mlx_surgical import loss as loss_module
+from mlx_surgical.batches import collate
 from mlx_surgical.config import LoraConfig
-from mlx_surgical.data import Sample, collate
 from mlx_surgical.forward import fast_exp, quantized_layers, set_dequantized_matmuls
 from mlx_surgical.loss import full_logits_cross_entropy, response_cross_entropy
 from mlx_surgical.model import load_model
+from mlx_surgical.prompt import Sample
 from mlx_surgical.surgery import attach_lora
 from mlx_surgical.tiny import TinyShape, build_tiny_model
 

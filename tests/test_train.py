@@ -15,16 +15,17 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_surgical.adapter import AdapterConfig, PromptRecord
+from mlx_surgical.batches import collate
 from mlx_surgical.callbacks import Checkpointer
 from mlx_surgical.checkpoint import TrainState, latest_checkpoint
 from mlx_surgical.config import LoraConfig, TrainingConfig, save_config
-from mlx_surgical.data import Sample, collate
 from mlx_surgical.console import resume_command
 from mlx_surgical.errors import TrainingDiverged, TrainingInterrupted, UserError
 from mlx_surgical.loss import training_loss
 from mlx_surgical.model import load_model
 from mlx_surgical.pipeline import resume_run, train_run
 from mlx_surgical.plan import lora_parameter_count
+from mlx_surgical.prompt import Sample
 from mlx_surgical.surgery import HashDropout, attach_lora
 from mlx_surgical.train import (LoopSettings, learning_rate_schedule, make_optimizer, schedule_for,
                                 train)

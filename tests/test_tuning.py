@@ -6,12 +6,13 @@ import mlx.nn as nn
 import pytest
 
 from mlx_surgical.backend import CACHE_ENV, cpu_description
+from mlx_surgical.batches import BatchStream
 from mlx_surgical.config import LoraConfig
-from mlx_surgical.data import BatchStream, PromptFormat, read_records, sample_path
-from mlx_surgical.data import encode_records
+from mlx_surgical.data import read_records, sample_path
 from mlx_surgical.forward import DequantizingLinear, quantized_layers
 from mlx_surgical.loss import training_loss
 from mlx_surgical.model import load_model
+from mlx_surgical.prompt import PromptFormat, encode_records
 from mlx_surgical.rundir import RunInfo
 from mlx_surgical.surgery import attach_lora
 from mlx_surgical.tuning import CHOICES_FILE, choices_in_force, choose_path

@@ -6,9 +6,8 @@ output directory records where it came from in provenance.json."""
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..backend import HALF_PRECISION_SLOWDOWN, default_convert_dtype
+from ..backend import HALF_PRECISION_SLOWDOWN, default_convert_dtype, on_cpu_backend
 from ..errors import UserError
-from ..forward import on_cpu_backend
 from ..model import PRESET_SOURCES, converted_folder, looks_like_local_path
 from . import gguf, hf, ollama
 

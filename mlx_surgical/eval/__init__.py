@@ -16,10 +16,11 @@ from typing import Callable, Optional
 from ..adapter import AdapterConfig
 from ..config import (DataConfig, EvalConfig, RunConfig, TrainingConfig, eval_problems, load_config,
                       resolve_data_path)
-from ..data import encode_records, read_records, split_records
+from ..data import read_records, split_records
 from ..errors import UserError
 from ..generate import prompt_format_for
 from ..model import LoadedModel
+from ..prompt import encode_records
 from ..rundir import EVAL_JSON, EVAL_MD, RunDir, RunInfo, now, require_directory
 from ..surgery import base_only, load_with_adapter
 from .disturbance import example_kl, neutral_records, reference_records

@@ -13,7 +13,8 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ..data import Record, Sample, read_records
+from ..data import Record, read_records
+from ..prompt import Sample
 from ..surgery import base_only
 
 REFERENCE_KINDS = ("prose", "code")

@@ -1,6 +1,6 @@
 """What the adapter learned: response-token loss and perplexity on held-out examples.
 
-The loss is the training loss itself (`loss.training_loss` on `data.collate` batches), taken
+The loss is the training loss itself (`loss.training_loss` on `batches.collate` batches), taken
 one example at a time so that every figure can be regrouped by concept afterwards.
 """
 
@@ -10,8 +10,9 @@ from typing import Iterable
 
 import mlx.core as mx
 
-from ..data import Sample, collate
+from ..batches import collate
 from ..loss import training_loss
+from ..prompt import Sample
 
 
 @dataclass

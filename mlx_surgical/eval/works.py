@@ -6,9 +6,9 @@ from typing import Optional
 
 import mlx.core as mx
 
-from ..data import PromptFormat
 from ..generate import stream_completion
 from ..model import LoadedModel
+from ..prompt import PromptFormat
 from .examples import EvalExample, extract_code
 from .sandbox import Sandbox
 
