@@ -11,11 +11,10 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .config import EvalConfig, OutputConfig, help_lines, load_config, preset_names, preset_path, setting_help
+from .config import ConvertConfig, EvalConfig, OutputConfig, ServeConfig, help_lines, load_config, preset_names, preset_path, setting_help
 from .console import is_terminal, printable
 from .errors import TrainingInterrupted, UserError
 from .export import FORMATS
-from .jobs import DEFAULT_KEEP_FINISHED
 
 
 def user_errors(fn):
@@ -222,11 +221,12 @@ def plan_cmd(config, other, as_json, no_probe, ranks):
 
 @cli.command("convert")
 @click.argument("source")
-@click.option("--out", default=None, help="Output directory (default models/<name>-<bits>bit, or models/<name>-<dtype> with --bits none).")
-@click.option("--bits", type=click.Choice(["4", "8", "none"]), default="4", show_default=True,
-              help="Quantization bits; none keeps --dtype weights. GGUF tensors in Q4_0, Q4_1 or Q8_0 keep "
-                   "their own bits unless none.")
-@click.option("--group-size", type=int, default=64, show_default=True)
+@click.option("--out", default=None,
+              help="Output directory (default models/<name>-<bits>bit, or models/<name>-<dtype> with --bits none).")
+@click.option("--bits", type=click.Choice(["4", "8", "none"]), default=str(ConvertConfig.bits), show_default=True,
+              help=setting_help(ConvertConfig, "bits"))
+@click.option("--group-size", type=int, default=ConvertConfig.group_size, show_default=True,
+              help=setting_help(ConvertConfig, "group_size"))
 @click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
               help="dtype of the unquantized parts [default: float32 where MLX runs on the CPU, which trains "
                    "fastest there; float16 on Metal].")
@@ -325,19 +325,20 @@ def adapters_rm(root, name, yes):
 
 
 @cli.command("serve")
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=int, default=5001, show_default=True)
+@click.option("--host", default=ServeConfig.host, show_default=True, help=setting_help(ServeConfig, "host"))
+@click.option("--port", type=int, default=ServeConfig.port, show_default=True, help=setting_help(ServeConfig, "port"))
 @click.option("--token", default=None, envvar="MLX_SURGICAL_TOKEN",
               help="Require 'Authorization: Bearer TOKEN' on every route but the dashboard's page and a bare "
                    "/api/health.")
-@click.option("--workspace", default=".", show_default=True, type=click.Path(file_okay=False),
-              help="Holds jobs/ and adapters/; data files in requests must be inside it.")
+@click.option("--workspace", default=ServeConfig.workspace, show_default=True, type=click.Path(file_okay=False),
+              help=setting_help(ServeConfig, "workspace"))
 @click.option("--allow-remote", is_flag=True, help="Bind beyond loopback without a token.")
 @click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
               help="Also accept this name in the Host and Origin headers (a reverse proxy's); repeatable.")
-@click.option("--max-body-mb", type=float, default=20, show_default=True, help="Largest request body.")
-@click.option("--keep-jobs", type=click.IntRange(min=0), default=DEFAULT_KEEP_FINISHED, show_default=True,
-              help="Finished jobs to keep; older ones are deleted (their adapters stay).")
+@click.option("--max-body-mb", type=float, default=ServeConfig.max_body_mb, show_default=True,
+              help=setting_help(ServeConfig, "max_body_mb"))
+@click.option("--keep-jobs", type=click.IntRange(min=0), default=ServeConfig.keep_jobs, show_default=True,
+              help=setting_help(ServeConfig, "keep_jobs"))
 @user_errors
 def serve_cmd(host, port, token, workspace, allow_remote, allow_hosts, max_body_mb, keep_jobs):
     """Local REST server and dashboard: start, watch, stop and resume training over HTTP."""
@@ -345,7 +346,8 @@ def serve_cmd(host, port, token, workspace, allow_remote, allow_hosts, max_body_
         from .server import serve
     except ImportError as e:
         raise UserError(f"serve needs the server extra ({e.name} is missing): pip install 'mlx-surgical[server]'")
-    serve(host, port, Path(workspace), token, allow_remote, int(max_body_mb * 1024 * 1024), allow_hosts, keep_jobs)
+    settings = ServeConfig(host, port, workspace, max_body_mb, keep_jobs)
+    serve(settings, token, allow_remote, allow_hosts)
 
 
 @cli.command("doctor")

@@ -142,6 +142,28 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+@dataclass
+class ConvertConfig:
+    """`mlx-surgical convert`'s quantization settings (not part of a run's config)."""
+    bits: Optional[int] = option(4, "Quantization bits (4 or 8); none keeps the weights unquantized. GGUF tensors "
+                                    "in Q4_0, Q4_1 or Q8_0 keep their own bits unless none.")
+    group_size: int = option(64, "Weights that share one quantization scale (32, 64 or 128).")
+
+
+@dataclass
+class ServeConfig:
+    """The server's settings: `mlx-surgical serve`'s options (not part of a run's config)."""
+    host: str = option("127.0.0.1", "Address to listen on; beyond loopback only with --token or --allow-remote.")
+    port: int = option(5001, "Port to listen on.")
+    workspace: str = option(".", "Holds jobs/ and adapters/; data files in requests must be inside it.")
+    max_body_mb: float = option(20.0, "Largest request body, in MB.")
+    keep_jobs: int = option(500, "Finished jobs to keep; older ones are deleted (their adapters stay).")
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+
 SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig) if dataclasses.is_dataclass(f.type)}
 RUN_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 

@@ -17,8 +17,8 @@ so a worker that lost its job (stopped and resumed at once, or orphaned by a ser
 can never overwrite the record of the worker that has it now. Records are read and written under
 a per-job lock file. The server keeps every record in memory and re-reads only those a worker
 may be changing. The worker (worker.py) runs `pipeline.train_run` / `resume_run` or
-`eval.evaluate_adapter`, exactly as the CLI does; this module never loads MLX itself, except
-to check the examples of a request.
+`eval.evaluate_adapter`, exactly as the CLI does; this module never loads MLX. Requests are
+checked and confined to the workspace before they become jobs (server/workspace.py).
 """
 
 import asyncio
@@ -35,25 +35,21 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, Iterator, Optional
+from typing import AsyncIterator, Callable, Iterator, Optional
 
-from .config import (BUNDLED_PREFIX, OutputConfig, RunConfig, config_from_dict, eval_problems, load_config, resolve_data_path,
-                     resolve_data_paths, section_from_dict)
-from .data import inline_records, read_records, split_records
+from .config import OutputConfig, RunConfig, ServeConfig
 from .errors import Conflict, NotFound, UserError
 from .files import append_jsonl, read_json_or_empty, read_jsonl, write_json_atomic, write_text_atomic
 from .locks import FileLock, is_locked
-from .registry import find
-from .rundir import EVAL_JSON, RunDir, default_run_name, now
+from .rundir import EVAL_JSON, RunDir, now
 
 # A job is queued, running, or one of these:
 JOB_FINISHED = ("succeeded", "failed", "cancelled", "interrupted")
 RESUMABLE = ("cancelled", "interrupted", "failed")
 JOB_FILE, CONFIG_FILE, EVENTS_FILE, WORKER_LOG = "job.json", "config.json", "events.jsonl", "worker.log"
 RECORD_LOCK, SCHEDULER_LOCK = "job.lock", "scheduler.lock"
-# An evaluation job's inline examples and its report, in the job's folder.
+# An evaluation job's inline examples, in the job's folder (its report beside them is EVAL_JSON).
 HELD_OUT_FILE = "held_out.jsonl"
-DEFAULT_KEEP_FINISHED = 500
 
 
 @dataclass
@@ -245,7 +241,7 @@ class JobStore:
                 raise Conflict(f"config: output.name: a run named '{name}' already exists; choose another name")
 
     def create(self, config: RunConfig) -> Job:
-        """A queued job for a config already through prepare_config. The run name is taken here,
+        """A queued job for a config already through server.workspace.prepare_config. The run name is taken here,
         in one step, so of two requests with the same name exactly one gets it."""
         with self._lock:
             self.check_name(config.output.name)
@@ -258,8 +254,8 @@ class JobStore:
         return job
 
     def create_eval(self, run_dir: Path, request: dict) -> Job:
-        """A queued evaluation of a run, for a request already through prepare_eval. Inline
-        examples are written to the job's folder, so the worker reads a file like the CLI."""
+        """A queued evaluation of a run, for a request already through server.workspace.prepare_eval.
+        Inline examples are written to the job's folder, so the worker reads a file like the CLI."""
         with self._lock:
             job_id = uuid.uuid4().hex[:12]
             self.path(job_id).mkdir(parents=True)
@@ -307,95 +303,10 @@ class JobStore:
                     current.error = "the server stopped while this job ran"
 
 
-def prepare_config(raw: dict, store: JobStore) -> tuple[RunConfig, list[str]]:
-    """The request's config, checked like `mlx-surgical validate` and confined to the
-    workspace: data files must resolve inside it and runs are written to its adapters/.
-    Returns it with validate's notes."""
-    from .pipeline import validate_run  # loads MLX for the tokenizer; the rest of the server never does
-
-    config = config_from_dict(raw, source="config")
-    problems = [p for name in ("train", "valid") if getattr(config.data, name) is not None
-                and (p := workspace_file(store, getattr(config.data, name), f"config: data.{name}"))]
-    if config.output.dir != OutputConfig.dir:
-        problems.append("config: output.dir: runs are written to the workspace's adapters/; leave it unset")
-    if problems:
-        raise UserError(*problems)
-    resolve_data_paths(config, store.workspace)
-    config.output.dir = str(store.adapters)
-    if config.output.name is None:
-        # A random tail too: two requests in the same second must not collide.
-        config.output.name = f"{default_run_name('run')}-{uuid.uuid4().hex[:4]}"
-    store.check_name(config.output.name)  # early, for validate; create() takes the name for good
-    model = Path(config.model.path)
-    if not model.is_absolute() and (store.workspace / model).exists():
-        config.model.path = str(store.workspace / model)
-    return config, validate_run(config)
-
-
-def workspace_file(store: JobStore, value: str, where: str) -> Optional[str]:
-    """The problem with a data file outside the workspace, or None."""
-    if value.startswith(BUNDLED_PREFIX) or (store.workspace / value).resolve().is_relative_to(store.workspace):
-        return None
-    return (f"{where}: '{value}' is outside the workspace; send the examples inline or put the file in the "
-            "workspace")
-
-
-def prepare_eval(raw: Any, name: str, store: JobStore) -> tuple[Path, dict]:
-    """The run to evaluate and the request, checked like `mlx-surgical eval`'s options: held-out
-    examples from a file inside the workspace (`data`) or inline (`examples`), else the run's
-    validation split, and eval settings (`eval`) over the run's own."""
-    # Checking the examples loads MLX (eval/), as validating a training config does; listing never does.
-    from .eval.examples import read_examples
-
-    if not isinstance(raw, dict):
-        raise UserError("request: expected a JSON object with data or examples, and eval settings")
-    problems = [f"request: {key}: unknown key; use data (a file in the workspace), examples (inline) or eval"
-                for key in raw if key not in ("data", "examples", "eval")]
-    training = store.unfinished(name, "train")
-    if training:
-        raise UserError(f"adapter '{name}' is still training (job {training[0].id}); queue its evaluation when that "
-                        "job has finished, or set eval.enabled in the training config")
-    run_dir = find(store.adapters, name, paths=False)
-    if not RunDir(run_dir).config.exists():
-        problems.append(f"adapter '{name}' is not a run of this workspace (no run_config.json), so its base model "
-                        "is unknown; evaluate it with `mlx-surgical eval DIR --model BASE`")
-    given = raw.get("eval", {})
-    settings = section_from_dict("eval", given, "request", problems)
-    problems += [f"request: {p}" for p in eval_problems(settings)]
-    overrides = {key: getattr(settings, key) for key in given if hasattr(settings, key)} \
-        if isinstance(given, dict) else {}
-    data, examples = raw.get("data"), raw.get("examples")
-    try:
-        if data is not None and examples is not None:
-            raise UserError("request: give data or examples, not both")
-        if data is not None:
-            if not isinstance(data, str):
-                raise UserError("request: data: expected a file name inside the workspace")
-            outside = workspace_file(store, data, "request: data")
-            if outside:
-                raise UserError(outside)
-            data = resolve_data_path(data, store.workspace, "request: data")
-            records = read_records(data)
-        elif examples is not None:
-            if not isinstance(examples, list) or not examples:
-                raise UserError("request: examples: expected a non-empty list of examples")
-            records = inline_records(examples, "request: examples")
-        elif RunDir(run_dir).config.exists():
-            records = split_records(load_config(RunDir(run_dir).config).data, "valid")
-        else:
-            records = []
-        read_examples(records, overrides.get("samples"))
-    except UserError as e:
-        problems += e.problems
-    if problems:
-        raise UserError(*problems)
-    return run_dir, {"data": data, "examples": examples, "eval": overrides}
-
-
 class Scheduler:
     """Runs queued jobs one at a time, in order, each in a worker process. One per workspace."""
 
-    def __init__(self, store: JobStore, poll_seconds: float = 0.2, keep_finished: int = DEFAULT_KEEP_FINISHED):
+    def __init__(self, store: JobStore, poll_seconds: float = 0.2, keep_finished: int = ServeConfig.keep_jobs):
         self.store = store
         self.poll_seconds = poll_seconds
         self.keep_finished = keep_finished

@@ -193,7 +193,8 @@ class LoadedModel:
     path: Path
 
 
-def load_model(path: str, revision: Optional[str] = None, dtype: str = "auto", where: str = "model.path") -> LoadedModel:
+def load_model(path: str, revision: Optional[str] = None, dtype: str = "auto",
+               where: str = "model.path") -> LoadedModel:
     """Load weights and tokenizer with mlx-lm, after the checks of inspect_model_dir, with RoPE
     settings that only transformers 5's form states passed to mlx-lm as it reads them."""
     model_dir = local_model_dir(path, revision, download=True, where=where)

@@ -26,7 +26,7 @@ from .backend import keep_freed_memory, slow_path_warnings, training_dtype
 from .batches import BatchStream, eval_batches
 from .callbacks import Checkpointer, ConsoleProgress, MetricsFile, ProgressStyle, plot_losses
 from .checkpoint import TrainState, latest_checkpoint, load_checkpoint
-from .config import RunConfig, config_from_dict, parse_json_file, per_rank_batch, save_config
+from .config import RunConfig, per_rank_batch, save_config
 from .console import command_line, counted, resume_command, working
 from .data import Record, split_records
 from .errors import TrainingDiverged, TrainingInterrupted, UserError
@@ -39,7 +39,7 @@ from .model import (inspect_model_dir, is_local, load_model, load_tokenizer, loc
                     model_shape)
 from .prompt import EncodedData, PromptFormat, encode_records
 from .rundir import (FINISHED, BaseModelInfo, BestInfo, DataInfo, FinalInfo, RunDir, RunInfo, claim_run,
-                     default_run_name, now, output_location_problems, output_problems, require_directory)
+                     default_run_name, load_run_config, now, output_location_problems, output_problems)
 from .surgery import adapter_weights, attach_lora
 from .train import (LoopSettings, evaluate, learning_rate_schedule, make_optimizer, schedule_for, train)
 from .tuning import choose_path
@@ -357,13 +357,6 @@ def _truncate_metrics(run: RunDir, update: int) -> list[dict]:
     rows = [r for r in run.metric_rows() if isinstance(r.get("update"), int) and r["update"] <= update]
     write_text_atomic(run.metrics, "".join(json.dumps(r) + "\n" for r in rows))
     return rows
-
-
-def load_run_config(run_dir: Path) -> RunConfig:
-    path = RunDir(require_directory(run_dir)).config
-    if not path.exists():
-        raise UserError(f"{run_dir}: not a run directory (no {path.name})")
-    return config_from_dict(parse_json_file(path, "run config"), source=str(path))
 
 
 def resume_run(run_dir: Path, **kwargs) -> RunResult:

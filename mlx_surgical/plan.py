@@ -16,7 +16,7 @@ from typing import Callable, Optional
 from .adapter import adapted_layer_count
 from .backend import machine_memory_gb, on_cpu_backend, slow_path_warnings, training_dtype
 from .batches import padded_length
-from .config import LoraConfig, RunConfig, TrainingConfig, per_rank_batch
+from .config import ConvertConfig, LoraConfig, RunConfig, TrainingConfig, per_rank_batch
 from .console import counted, working
 from .data import split_records
 from .errors import UserError
@@ -63,7 +63,7 @@ def resolve_shape(config: RunConfig, bits: Optional[int] = None) -> tuple[ModelS
             raise UserError(f"model.path: {path} is not available locally and is not a known shape "
                             f"({', '.join(KNOWN_SHAPES)}); {how}") from None
         quant_bits = bits if bits is not None else (4 if "4bit" in config.model.path.lower() else None)
-        return replace(shape, quant_bits=quant_bits, quant_group_size=64 if quant_bits else None), "built-in table"
+        return replace(shape, quant_bits=quant_bits, quant_group_size=ConvertConfig.group_size if quant_bits else None), "built-in table"
 
 
 GB = 1e9

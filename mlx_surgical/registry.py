@@ -60,11 +60,11 @@ def format_table(entries: list[AdapterEntry]) -> str:
     """The registry as `adapters list` prints it, one line per adapter."""
     row = "{:<32} {:<12} {:<28} {:>12} {:>9} {:>9} {:>9}  {}"
     loss = lambda v: f"{v:.4f}" if v is not None else "-"  # noqa: E731
-    return "\n".join([row.format("name", "status", "base model", "parameters", "size", "best val", "final val",
-                                 "created")] +
-                     [row.format(e.name[:32], e.status, e.base_model[-28:], f"{e.trainable_parameters or 0:,}",
-                                 f"{e.size_bytes / 1e6:.2f}MB", loss(e.best_val_loss), loss(e.final_val_loss), e.created)
-                      for e in entries])
+    header = row.format("name", "status", "base model", "parameters", "size", "best val", "final val", "created")
+    lines = [row.format(e.name[:32], e.status, e.base_model[-28:], f"{e.trainable_parameters or 0:,}",
+                        f"{e.size_bytes / 1e6:.2f}MB", loss(e.best_val_loss), loss(e.final_val_loss), e.created)
+             for e in entries]
+    return "\n".join([header, *lines])
 
 
 def list_adapters(root: str | Path = OutputConfig.dir) -> list[AdapterEntry]:

@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
 
-from .config import OutputConfig
+from .config import OutputConfig, RunConfig, config_from_dict, parse_json_file
 from .console import command_line, resume_command
 from .errors import Conflict, UserError
 from .files import is_staging, read_json_or_empty, read_jsonl, remove_staging_leftovers, sha256_file, \
@@ -160,6 +160,14 @@ class RunDir:
     def checksums(self) -> dict[str, str]:
         """sha256 of the files a user ships, recorded in run.json when a run finishes."""
         return {name: sha256_file(self.path / name) for name in CHECKSUMMED if (self.path / name).exists()}
+
+
+def load_run_config(run_dir: str | Path) -> RunConfig:
+    """The config a run was started with, as it saved it (data and model paths resolved)."""
+    path = RunDir(require_directory(run_dir)).config
+    if not path.exists():
+        raise UserError(f"{run_dir}: not a run directory (no {path.name})")
+    return config_from_dict(parse_json_file(path, "run config"), source=str(path))
 
 
 def now() -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..backend import HALF_PRECISION_SLOWDOWN, default_convert_dtype, on_cpu_backend
+from ..config import ConvertConfig
 from ..errors import UserError
 from ..model import PRESET_SOURCES, converted_folder, looks_like_local_path
 from . import gguf, hf, ollama
@@ -22,7 +23,8 @@ def source_kind(source: str) -> str:
     return "gguf" if Path(source).expanduser().is_file() else "hf"
 
 
-def convert_model(source: str, out: Optional[str | Path] = None, bits: Optional[int] = 4, group_size: int = 64,
+def convert_model(source: str, out: Optional[str | Path] = None, bits: Optional[int] = ConvertConfig.bits,
+                  group_size: int = ConvertConfig.group_size,
                   dtype: Optional[str] = None, revision: Optional[str] = None, force: bool = False,
                   progress: bool = True, log: Callable[[str], None] = print) -> Path:
     """bits=None keeps every weight unquantized in `dtype` (default: what trains fastest on this

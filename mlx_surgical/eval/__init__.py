@@ -14,14 +14,13 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..adapter import AdapterConfig
-from ..config import (DataConfig, EvalConfig, RunConfig, TrainingConfig, eval_problems, load_config,
-                      resolve_data_path)
+from ..config import DataConfig, EvalConfig, RunConfig, TrainingConfig, eval_problems, resolve_data_path
 from ..data import read_records, split_records
 from ..errors import UserError
 from ..generate import prompt_format_for
 from ..model import LoadedModel
 from ..prompt import encode_records
-from ..rundir import EVAL_JSON, EVAL_MD, RunDir, RunInfo, now, require_directory
+from ..rundir import EVAL_JSON, EVAL_MD, RunDir, RunInfo, load_run_config, now, require_directory
 from ..surgery import base_only, load_with_adapter
 from .disturbance import example_kl, neutral_records, reference_records
 from .examples import EvalExample, read_examples
@@ -34,8 +33,7 @@ from .works import ProblemResult, generate, run_problems
 
 def _run_config(adapter_dir: Path) -> Optional[RunConfig]:
     """The run's resolved config, or None for an adapter directory that is not a run."""
-    path = RunDir(adapter_dir).config
-    return load_config(path) if path.exists() else None
+    return load_run_config(adapter_dir) if RunDir(adapter_dir).config.exists() else None
 
 
 def _recorded_base(adapter_dir: Path, run: RunConfig) -> str:

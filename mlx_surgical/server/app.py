@@ -26,16 +26,15 @@ from starlette.background import BackgroundTask
 
 from .. import __version__
 from ..backend import describe
-from ..config import parse_json_file, preset_names, preset_path, settings_help
+from ..config import ServeConfig, parse_json_file, preset_names, preset_path, settings_help
 from ..errors import Conflict, NotFound, UserError, parse_user_json
 from ..export import export_archive
-from ..jobs import DEFAULT_KEEP_FINISHED, JobStore, Scheduler, prepare_config, prepare_eval
+from ..jobs import JobStore, Scheduler
 from ..registry import find, list_adapters, show, verify
-from ..rundir import RunDir
+from ..rundir import RunDir, load_run_config
 from .guard import LOOPBACK, WILDCARD, RequestGuard, problem
-from .workspace import remove_run, save_upload
+from .workspace import prepare_config, prepare_eval, remove_run, save_upload
 
-DEFAULT_MAX_BODY = 20 * 1024 * 1024
 STATIC = Path(__file__).parent / "static"
 # The dashboard loads only its own files and talks only to this server; no page may frame it.
 PAGE_HEADERS = {"Content-Security-Policy": "default-src 'self'; img-src 'self' data: blob:; frame-ancestors 'none'",
@@ -46,13 +45,13 @@ class BodyTooLarge(UserError):
     """A body over --max-body-mb (HTTP 413)."""
 
 
-def create_app(workspace: Path, token: Optional[str] = None, max_body: int = DEFAULT_MAX_BODY,
-               host: str = "127.0.0.1", allow_hosts: Iterable[str] = (),
-               keep_finished: int = DEFAULT_KEEP_FINISHED) -> FastAPI:
-    """The app for a server bound to `host`; `allow_hosts` are further names clients may use
-    in Host and Origin (a reverse proxy's). Refuses (Conflict) a workspace another server runs."""
-    store = JobStore(workspace)
-    scheduler = Scheduler(store, keep_finished=keep_finished)
+def create_app(workspace: str | Path, token: Optional[str] = None, settings: ServeConfig = ServeConfig(),
+               allow_hosts: Iterable[str] = ()) -> FastAPI:
+    """The app for a server bound to `settings.host`; `allow_hosts` are further names clients
+    may use in Host and Origin (a reverse proxy's). Refuses (Conflict) a workspace another
+    server runs."""
+    store = JobStore(Path(workspace))
+    scheduler = Scheduler(store, keep_finished=settings.keep_jobs)
     scheduler.claim()
 
     @asynccontextmanager
@@ -62,7 +61,9 @@ def create_app(workspace: Path, token: Optional[str] = None, max_body: int = DEF
         scheduler.shutdown()
 
     app = FastAPI(title="mlx_surgical", version=__version__, lifespan=lifespan)
-    app.add_middleware(RequestGuard, token=token, bound_host=host, allow_hosts=tuple(allow_hosts), max_body=max_body)
+    max_body = settings.max_body_bytes
+    app.add_middleware(RequestGuard, token=token, bound_host=settings.host, allow_hosts=tuple(allow_hosts),
+                       max_body=max_body)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     async def json_body(request: Request, if_empty=None):
@@ -224,8 +225,7 @@ def create_app(workspace: Path, token: Optional[str] = None, max_body: int = DEF
 
     @app.get("/api/adapters/{name}/plan")
     async def adapter_plan(name: str):
-        from ..pipeline import load_run_config  # loads MLX (the plan reads the tokenizer), as validating does
-        from ..plan import plan_run
+        from ..plan import plan_run  # loads MLX (the plan reads the tokenizer), as validating does
 
         config = load_run_config(in_workspace(name))
         return await asyncio.to_thread(plan_run, config, probe=False)
@@ -280,17 +280,17 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(host: str, port: int, workspace: Path, token: Optional[str], allow_remote: bool = False,
-          max_body: int = DEFAULT_MAX_BODY, allow_hosts: Iterable[str] = (),
-          keep_finished: int = DEFAULT_KEEP_FINISHED) -> None:
+def serve(settings: ServeConfig, token: Optional[str], allow_remote: bool = False,
+          allow_hosts: Iterable[str] = ()) -> None:
     import uvicorn
 
+    host, port = settings.host, settings.port
     check_bind(host, token, allow_remote)
     allow_hosts = tuple(allow_hosts)
     sock = bind(host, port)
-    app = create_app(workspace, token, max_body, host, allow_hosts, keep_finished)
+    app = create_app(settings.workspace, token, settings, allow_hosts)
     lines = [f"mlx-surgical serve: dashboard and API at {dashboard_url(host, port, token, allow_hosts)}",
-             f"  workspace {Path(workspace).resolve()}",
+             f"  workspace {Path(settings.workspace).resolve()}",
              "  a token is required (Authorization: Bearer; the URL above carries it for the dashboard)" if token
              else "  no token: open to every local client; pass --token to require one"]
     if host in WILDCARD and not allow_hosts:

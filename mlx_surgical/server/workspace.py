@@ -1,19 +1,108 @@
-"""What the server does to its workspace beyond jobs: keep uploaded data files, and remove a
-run only when no job is still writing it."""
+"""What the server does to its workspace beyond jobs: confine each request to it (a config's
+data files and runs, an evaluation's held-out data), keep uploaded data files, and remove a run
+only when no job is still writing it."""
 
 import hashlib
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-from ..config import RUN_NAME_CHARS
-from ..data import check_records, read_records
+from ..config import (BUNDLED_PREFIX, RUN_NAME_CHARS, OutputConfig, RunConfig, config_from_dict, eval_problems,
+                      resolve_data_path, resolve_data_paths, section_from_dict)
+from ..data import check_records, inline_records, read_records, split_records
 from ..errors import Conflict, UserError
 from ..files import write_text_atomic
 from ..jobs import JobStore
-from ..registry import remove
+from ..registry import find, remove
+from ..rundir import RunDir, default_run_name, load_run_config
 
 UPLOADS = "uploads"
 DATA_SUFFIXES = (".jsonl", ".json")
+
+
+def prepare_config(raw: dict, store: JobStore) -> tuple[RunConfig, list[str]]:
+    """The request's config, checked like `mlx-surgical validate` and confined to the
+    workspace: data files must resolve inside it and runs are written to its adapters/.
+    Returns it with validate's notes."""
+    from ..pipeline import validate_run  # loads MLX for the tokenizer; the rest of the server never does
+
+    config = config_from_dict(raw, source="config")
+    problems = [p for name in ("train", "valid") if getattr(config.data, name) is not None
+                and (p := workspace_file(store, getattr(config.data, name), f"config: data.{name}"))]
+    if config.output.dir != OutputConfig.dir:
+        problems.append("config: output.dir: runs are written to the workspace's adapters/; leave it unset")
+    if problems:
+        raise UserError(*problems)
+    resolve_data_paths(config, store.workspace)
+    config.output.dir = str(store.adapters)
+    if config.output.name is None:
+        # A random tail too: two requests in the same second must not collide.
+        config.output.name = f"{default_run_name('run')}-{uuid.uuid4().hex[:4]}"
+    store.check_name(config.output.name)  # early, for validate; create() takes the name for good
+    model = Path(config.model.path)
+    if not model.is_absolute() and (store.workspace / model).exists():
+        config.model.path = str(store.workspace / model)
+    return config, validate_run(config)
+
+
+def workspace_file(store: JobStore, value: str, where: str) -> Optional[str]:
+    """The problem with a data file outside the workspace, or None."""
+    if value.startswith(BUNDLED_PREFIX) or (store.workspace / value).resolve().is_relative_to(store.workspace):
+        return None
+    return (f"{where}: '{value}' is outside the workspace; send the examples inline or put the file in the "
+            "workspace")
+
+
+def prepare_eval(raw: Any, name: str, store: JobStore) -> tuple[Path, dict]:
+    """The run to evaluate and the request, checked like `mlx-surgical eval`'s options: held-out
+    examples from a file inside the workspace (`data`) or inline (`examples`), else the run's
+    validation split, and eval settings (`eval`) over the run's own."""
+    # Checking the examples loads MLX (eval/), as validating a training config does; listing never does.
+    from ..eval.examples import read_examples
+
+    if not isinstance(raw, dict):
+        raise UserError("request: expected a JSON object with data or examples, and eval settings")
+    problems = [f"request: {key}: unknown key; use data (a file in the workspace), examples (inline) or eval"
+                for key in raw if key not in ("data", "examples", "eval")]
+    training = store.unfinished(name, "train")
+    if training:
+        raise UserError(f"adapter '{name}' is still training (job {training[0].id}); queue its evaluation when that "
+                        "job has finished, or set eval.enabled in the training config")
+    run_dir = find(store.adapters, name, paths=False)
+    if not RunDir(run_dir).config.exists():
+        problems.append(f"adapter '{name}' is not a run of this workspace (no run_config.json), so its base model "
+                        "is unknown; evaluate it with `mlx-surgical eval DIR --model BASE`")
+    given = raw.get("eval", {})
+    settings = section_from_dict("eval", given, "request", problems)
+    problems += [f"request: {p}" for p in eval_problems(settings)]
+    overrides = {key: getattr(settings, key) for key in given if hasattr(settings, key)} \
+        if isinstance(given, dict) else {}
+    data, examples = raw.get("data"), raw.get("examples")
+    try:
+        if data is not None and examples is not None:
+            raise UserError("request: give data or examples, not both")
+        if data is not None:
+            if not isinstance(data, str):
+                raise UserError("request: data: expected a file name inside the workspace")
+            outside = workspace_file(store, data, "request: data")
+            if outside:
+                raise UserError(outside)
+            data = resolve_data_path(data, store.workspace, "request: data")
+            records = read_records(data)
+        elif examples is not None:
+            if not isinstance(examples, list) or not examples:
+                raise UserError("request: examples: expected a non-empty list of examples")
+            records = inline_records(examples, "request: examples")
+        elif RunDir(run_dir).config.exists():
+            records = split_records(load_run_config(run_dir).data, "valid")
+        else:
+            records = []
+        read_examples(records, overrides.get("samples"))
+    except UserError as e:
+        problems += e.problems
+    if problems:
+        raise UserError(*problems)
+    return run_dir, {"data": data, "examples": examples, "eval": overrides}
 
 
 def save_upload(store: JobStore, raw: Any) -> dict:
