@@ -9,7 +9,7 @@ place that writes and reads both files; surgery.py attaches adapters to a model 
 Nothing here imports MLX: weights are read and written as numpy arrays.
 """
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
@@ -49,6 +49,9 @@ class PromptRecord:
     system_prompt: Optional[str] = None
     max_seq_length: Optional[int] = None  # None in adapters written before it was recorded
     mask_prompt: bool = True
+
+
+PROMPT_FIELDS = {f.name for f in fields(PromptRecord)}
 
 
 @dataclass
@@ -102,7 +105,8 @@ class AdapterConfig:
                        target_modules=[p for p in PROJECTIONS if PROJECTION_PATHS[p] in keys],
                        num_layers=int(raw["num_layers"]),
                        base=BaseModelRecord(**base) if isinstance(base, dict) and base.get("config") else None,
-                       prompt=PromptRecord(**(raw.get("prompt") or {})),
+                       prompt=PromptRecord(**{k: v for k, v in (raw.get("prompt") or {}).items()
+                                              if k in PROMPT_FIELDS}),  # a newer version may add more
                        update=raw.get("update"), val_loss=raw.get("val_loss"))
         except (KeyError, TypeError, ValueError) as e:
             raise UserError(f"{source}: not a LoRA adapter config mlx_surgical can read ({type(e).__name__}: {e})")

@@ -8,6 +8,7 @@ import shlex
 import sys
 import threading
 import time
+import unicodedata
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, TextIO
@@ -30,13 +31,15 @@ def counted(n: int | float, noun: str, plural: str = "") -> str:
         number = f"{n:,}"
     else:  # two decimals at most, two significant digits below 1
         number = f"{n:.2g}" if abs(n) < 1 else f"{round(n, 2):,g}"
-    return f"{number} {noun if n == 1 else plural or noun + 's'}"
+    return f"{number} {noun if number == '1' else plural or noun + 's'}"
 
 
 def printable(text: str) -> str:
     """Model output as it is safe to show: control characters other than newline and tab (a
-    random or damaged model emits NUL, BEL, escape sequences) written as \\xNN escapes."""
-    return "".join(c if c.isprintable() or c in "\n\t" else repr(c)[1:-1] for c in text)
+    random or damaged model emits NUL, BEL, escape sequences) written as \\xNN escapes; every
+    other character, spaces and joiners of any script included, as it is."""
+    return "".join(c if c in "\n\t" or unicodedata.category(c) != "Cc" else repr(c)[1:-1]
+                   for c in text.replace("\r\n", "\n"))
 
 
 def is_terminal(stream: TextIO) -> bool:

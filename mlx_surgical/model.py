@@ -53,18 +53,19 @@ def converted_folder(name: str, bits: Optional[int], dtype: str) -> Path:
 def how_to_create(path: str) -> str:
     """The command that makes the model folder `path`, as a hint for when it is missing."""
     name = Path(path).name
+    path = str(Path(path).expanduser())  # quoted below, so the shell would not expand ~
     for preset, command in QUICKSTART_PRESETS.items():
         if name == Path(parse_json_file(preset_path(preset))["model"]["path"]).name:
             return (f"run `{shlex.join(['mlx-surgical', *command, '--model-dir', path])}` once: it builds that "
                     "folder, then trains its short demo")
     stem, options = name, []
-    if match := re.fullmatch(r"(.+)-(?:(\d+)bit|(float32|float16|bfloat16))", name):
+    if match := re.fullmatch(r"(.+)-(?:([48])bit|(float32|float16|bfloat16))", name):
         stem, bits, dtype = match.groups()
         options = (["--bits", "none", "--dtype", dtype] if dtype else [] if bits == "4" else ["--bits", bits])
     tail = shlex.join([*options, "--out", path])
     if stem in PRESET_SOURCES:
         return f"create it with `mlx-surgical convert {PRESET_SOURCES[stem]} {tail}`"
-    return f"create it with `mlx-surgical convert <Hugging Face repo id or .gguf file> {tail}`"
+    return f"create it with `mlx-surgical convert SOURCE {tail}` (SOURCE: its Hugging Face repo id or GGUF file)"
 
 
 def local_model_dir(path: str, revision: Optional[str] = None, download: bool = True,

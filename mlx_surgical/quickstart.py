@@ -54,7 +54,8 @@ class QuickstartResult:
     def report_lines(self) -> list[str]:
         run = self.run
         lines = ["", f"training loss {run.first_loss:.3f} at the first update -> {self.recent_loss:.3f} over the "
-                 f"last {self.recent_updates} updates (down {1 - self.recent_loss / run.first_loss:.0%})"]
+                 f"last {self.recent_updates} updates ({'down' if self.recent_loss <= run.first_loss else 'up'} "
+                 f"{abs(1 - self.recent_loss / run.first_loss):.0%})"]
         if self.base_val_loss is not None and run.final_val_loss is not None:
             lines.append(f"held-out loss: base {self.base_val_loss:.3f} -> adapted {run.final_val_loss:.3f}")
         lines += ["", "held-out prompt:", *indented(self.prompt)]

@@ -163,7 +163,7 @@ class RunDir:
 
 
 def load_run_config(run_dir: str | Path) -> RunConfig:
-    """The config a run was started with, as it saved it (data and model paths resolved)."""
+    """The config a run was started with, as it saved it (its data paths absolute)."""
     path = RunDir(require_directory(run_dir)).config
     if not path.exists():
         raise UserError(f"{run_dir}: not a run directory (no {path.name})")

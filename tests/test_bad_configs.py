@@ -47,7 +47,7 @@ CASES = {
     "model folder missing": (lambda t, m: write_config(t, "models/CodeLlama-7b-hf-4bit"),
                              "models/CodeLlama-7b-hf-4bit does not exist"),
     "model folder missing, hint": (lambda t, m: write_config(t, "./models/x"),
-                                   "mlx-surgical convert <Hugging Face repo id or .gguf file> --out ./models/x"),
+                                   "mlx-surgical convert SOURCE --out models/x` (SOURCE: its Hugging Face repo id or GGUF file)"),
     "a preset's folder missing, its command": (
         lambda t, m: write_config(t, "models/CodeLlama-7b-Instruct-hf-8bit"),
         "create it with `mlx-surgical convert codellama/CodeLlama-7b-Instruct-hf --bits 8 --out "

@@ -126,3 +126,25 @@ def test_a_mistyped_path_says_what_is_missing_and_what_to_run(tmp_path, monkeypa
     assert result.exit_code == 2, result.output
     assert result.output.startswith(f"error: {expected}") or f"\nerror: {expected}" in result.output, result.output
     assert "Traceback" not in result.output
+
+
+def test_model_output_is_shown_safely_and_numbers_read_naturally():
+    from mlx_surgical.console import counted, printable
+
+    # Only control characters are escaped: every script's spaces and joiners stay as they are.
+    assert printable("日本語\u3000テスト\u00a0x\u200d\ttab\r\nnext") == "日本語\u3000テスト\u00a0x\u200d\ttab\nnext"
+    assert printable("a\x00b\x07c\x1b[2J\rd\x7f") == "a\\x00b\\x07c\\x1b[2J\\rd\\x7f"
+    assert [counted(n, "epoch") for n in (1, 0.999, 1.5, 0.307692, 1234.5)] == \
+        ["1 epoch", "1 epoch", "1.5 epochs", "0.31 epochs", "1,234.5 epochs"]
+
+
+def test_the_hint_for_a_missing_model_folder_pastes(pasted):
+    from mlx_surgical.model import how_to_create
+
+    hint = how_to_create("~/models/my model-8bit")
+    command = hint[hint.index("`") + 1:hint.rindex("`")]
+    assert pasted(command) == ["mlx-surgical", "convert", "SOURCE", "--bits", "8", "--out",
+                               str(Path.home() / "models" / "my model-8bit")]
+    assert "--bits" not in how_to_create("models/x-16bit")  # convert takes 4 or 8: no option it would refuse
+    assert pasted(how_to_create("models/tiny-llama").split("`")[1]) == [
+        "mlx-surgical", "quickstart", "--model-dir", "models/tiny-llama"]

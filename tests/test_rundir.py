@@ -17,10 +17,10 @@ from mlx_surgical.data import sample_path
 from mlx_surgical.errors import UserError
 from mlx_surgical.export import export_adapter
 from mlx_surgical.generate import answer, prompt_format_for
-from mlx_surgical.surgery import load_with_adapter
 from mlx_surgical.pipeline import resume_run
 from mlx_surgical.registry import list_adapters, verify
 from mlx_surgical.rundir import RunDir, RunInfo
+from mlx_surgical.surgery import load_with_adapter
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mlx_surgical"
 OLD_RUN = Path(__file__).parent / "data" / "run-v0.1"
@@ -99,6 +99,17 @@ def test_run_info_round_trips_and_keeps_unknown_keys(tmp_path):
     again = RunInfo.load(tmp_path)
     assert again == info
     assert json.loads(RunDir(tmp_path).info.read_text())["from_the_future"] == {"x": 1}
+
+
+def test_an_adapter_config_from_a_newer_version_still_reads(trained_run, tmp_path):
+    """A key a later version adds to the prompt record is ignored, not a refusal."""
+    adapter = tmp_path / "adapter"
+    shutil.copytree(trained_run, adapter)
+    raw = json.loads((adapter / "adapter_config.json").read_text())
+    raw["prompt"]["added_later"] = True
+    (adapter / "adapter_config.json").write_text(json.dumps(raw))
+    config = AdapterConfig.read(adapter)
+    assert config.prompt.max_seq_length == 512 and config.prompt.mask_prompt is True
 
 
 def test_run_directory_from_the_previous_layout_still_loads(tiny_model, tmp_path):

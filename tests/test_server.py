@@ -356,6 +356,8 @@ def test_an_evaluation_job_in_the_same_queue_returns_its_report(start_server, ti
         trained = client.post("/api/training/start", json=job_config(tiny_model, "evaluated", iters=2)).json()["id"]
         early = client.post("/api/adapters/evaluated/eval", json={})  # the worker is still starting
         assert early.status_code == 422 and "still training" in early.json()["problems"][0]
+        bodiless = client.post("/api/adapters/evaluated/eval")  # no body: the same as {}
+        assert bodiless.status_code == 422 and "still training" in bodiless.json()["problems"][0]
         wait_for(client, trained, lambda j: j["state"] == "succeeded")
 
         refused = client.post("/api/adapters/evaluated/eval", json={

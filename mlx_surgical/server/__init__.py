@@ -1,5 +1,5 @@
 """The training server: `app.py` (FastAPI routes that only translate, and `serve`), `guard.py`
-(the checks every request passes), `workspace.py` (uploads, removing runs) and `static/` (the
+(the checks every request passes), `workspace.py` (requests confined to the workspace, uploads, removing runs) and `static/` (the
 dashboard, plain HTML/CSS/JS with uPlot, calling only the REST API)."""
 
 from .app import create_app, serve

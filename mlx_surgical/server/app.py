@@ -66,8 +66,10 @@ def create_app(workspace: str | Path, token: Optional[str] = None, settings: Ser
                        max_body=max_body)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
-    async def json_body(request: Request, if_empty=None):
-        """The request's JSON; `if_empty` (when given) stands for an empty body."""
+    async def json_body(request: Request, if_empty=None, expected: str = "a run config such as configs/tiny.json "
+                                                                          "(curl -d @configs/tiny.json)"):
+        """The request's JSON; `if_empty` (when given) stands for an empty body, else an empty
+        body is refused naming what the route `expected`."""
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
@@ -76,8 +78,7 @@ def create_app(workspace: str | Path, token: Optional[str] = None, settings: Ser
         if not body.strip():
             if if_empty is not None:
                 return if_empty
-            raise UserError("request body: empty; send a JSON object (for a run, a config like configs/tiny.json, "
-                            "e.g. curl -d @configs/tiny.json)")
+            raise UserError(f"request body: empty; send {expected}")
         try:
             text = body.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -124,12 +125,13 @@ def create_app(workspace: str | Path, token: Optional[str] = None, settings: Ser
         return [{"name": name, "config": parse_json_file(preset_path(name))} for name in preset_names()]
 
     @app.get("/api/config/settings")
-    async def settings():
+    async def config_settings():
         return settings_help()
 
     @app.post("/api/uploads")
     async def upload(request: Request):
-        return await asyncio.to_thread(save_upload, store, await json_body(request))
+        upload = await json_body(request, expected='{"name": "train.jsonl", "text": "<the file>"}')
+        return await asyncio.to_thread(save_upload, store, upload)
 
     @app.post("/api/training/validate")
     async def validate(request: Request):
@@ -193,7 +195,8 @@ def create_app(workspace: str | Path, token: Optional[str] = None, settings: Ser
 
     @app.post("/api/adapters/{name}/eval", status_code=202)
     async def evaluate(name: str, request: Request):
-        run_dir, eval_request = await asyncio.to_thread(prepare_eval, await json_body(request), _plain(name), store)
+        request_body = await json_body(request, if_empty={})  # {}: the run's validation split, its settings
+        run_dir, eval_request = await asyncio.to_thread(prepare_eval, request_body, _plain(name), store)
         job = store.create_eval(run_dir, eval_request)
         scheduler.notify()
         return {"id": job.id, "state": job.state, "run_name": job.run_name}
