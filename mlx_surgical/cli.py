@@ -143,7 +143,8 @@ def config_help_cmd():
 
 
 @cli.command("generate")
-@click.option("--model", "model_path", required=True, help="Base model directory or repo id.")
+@click.option("--model", "model_path", default=None,
+              help="Base model directory or repo id [default: the one the adapter was trained on].")
 @click.option("--adapter", "adapter_dir", default=None, help="A run directory or an mlx export.")
 @click.option("--max-tokens", type=int, default=EvalConfig.max_tokens, show_default=True,
               help=setting_help(EvalConfig, "max_tokens"))
@@ -152,18 +153,19 @@ def config_help_cmd():
 @user_errors
 def generate_cmd(model_path, adapter_dir, max_tokens, compare, prompt):
     """Answer PROMPT (or stdin) with the base model, with or without an adapter."""
-    from .generate import compare_answers, prompt_format_for, stream_answer
+    from .generate import base_model_for, compare_answers, prompt_format_for, stream_answer
     from .surgery import load_with_adapter
 
     if compare and adapter_dir is None:
         raise UserError("generate --compare needs --adapter")
+    base_model = base_model_for(model_path, adapter_dir)
     if prompt is None:
         if is_terminal(sys.stdin):
             click.echo("reading the prompt from the terminal; end it with Ctrl-D (or give it as an argument)", err=True)
         prompt = sys.stdin.read()
     if not prompt.strip():
         raise UserError("generate: give a PROMPT argument or text on stdin")
-    loaded = load_with_adapter(model_path, adapter_dir, progress=True, where="--model")
+    loaded = load_with_adapter(base_model, adapter_dir, progress=True, where="--model")
     if compare:
         base, adapted = compare_answers(loaded, adapter_dir, prompt, max_tokens)
         click.echo(f"=== base ===\n{printable(base)}\n=== adapted ===\n{printable(adapted)}")
@@ -192,7 +194,7 @@ def eval_cmd(adapter_dir, model_path, data, samples, temperature, max_tokens, ou
 
     given = {"samples": samples, "temperature": temperature, "max_tokens": max_tokens}
     report = evaluate_adapter(adapter_dir, model_path, data, {k: v for k, v in given.items() if v is not None}, out,
-                              log=lambda line: click.echo(line, err=True))
+                              log=lambda line: click.echo(line, err=True), progress=True)
     click.echo(format_table(report))
 
 
@@ -319,6 +321,8 @@ def adapters_rm(root, name, yes):
 
     path = find(root, name)
     if not yes:
+        if not is_terminal(sys.stdin):
+            raise UserError(f"adapters rm {name}: no terminal to confirm on; pass --yes to delete {path}")
         click.confirm(f"delete {path}?", abort=True)
     remove(root, name)
     click.echo(f"deleted {path}")

@@ -50,11 +50,12 @@ class Record:
     origin: str  # "file.jsonl:12" or "data.examples[3]", for error messages
 
 
-def read_records(path: str | Path) -> list[Record]:
+def read_records(path: str | Path, named_by: str = "data.train / data.valid in the config") -> list[Record]:
     """Read a .jsonl (one object a line) or .json (a list of objects) file. Every line that is
-    not UTF-8 or not JSON is reported, not only the first."""
+    not UTF-8 or not JSON is reported, not only the first. `named_by` is where the user named
+    the file (a missing file's hint)."""
     path = Path(path)
-    hint = "; check data.train / data.valid in the config"
+    hint = f"; check {named_by}"
     if path.suffix == ".json":
         rows = parse_user_json(read_user_text(path, "data", hint), path)
         if not isinstance(rows, list):

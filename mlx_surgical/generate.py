@@ -7,9 +7,21 @@ from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
 from .adapter import AdapterConfig
+from .errors import UserError
 from .model import LoadedModel
 from .prompt import PromptFormat
+from .rundir import require_directory
 from .surgery import base_only
+
+
+def base_model_for(model_path: Optional[str], adapter_dir: Optional[str | Path]) -> str:
+    """The base model to load: --model when given, else the one the adapter was trained on."""
+    if model_path:
+        return model_path
+    if adapter_dir is not None and (base := AdapterConfig.read(require_directory(adapter_dir)).local_base_model):
+        return base
+    raise UserError("--model: name the base model (the adapter does not record the one it was trained on)"
+                    if adapter_dir is not None else "--model: name the base model to generate with")
 
 
 def prompt_format_for(loaded: LoadedModel, adapter_dir: Optional[str | Path] = None) -> PromptFormat:

@@ -310,7 +310,8 @@ def _train_owned(config: RunConfig, run: RunDir, resume: bool, t_start: float, w
         raise TrainingInterrupted(
             f"aborted during update {state.update + 1}; " +
             (f"continue from the last checkpoint with: {resume_command(run_dir)}" if latest_checkpoint(run_dir)
-             else "no checkpoint was saved yet")) from None
+             else f"no checkpoint was saved yet; start it again from the first update with: "
+                  f"{resume_command(run_dir)}")) from None
     except TrainingDiverged as e:
         diverged = TrainingDiverged(" ".join([*e.problems, _after_divergence(run, peak)]))
         info.error = str(diverged)

@@ -224,6 +224,8 @@ def format_plan(plan: dict, other: Optional[dict] = None, names: tuple[str, str]
     """Human-readable plan; with `other`, the two side by side."""
     def rows(p: dict) -> list[tuple[str, str]]:
         m, s, t = p["memory"], p["schedule"], p["time"]
+        worst_case = "" if s["examples_counted"] == "tokenized" else \
+            " with every example at max_seq_length; planned again from the real lengths once the tokenizer is local"
         machine = f"{m['machine_gb']:.1f} GB" if m["machine_gb"] else "unknown"
         return [
             ("model", f"{p['model']['path']} ({p['model']['from']})"),
@@ -242,7 +244,8 @@ def format_plan(plan: dict, other: Optional[dict] = None, names: tuple[str, str]
                                        "tokenizer is local) ")
                                     + f"({m['activations_checkpointed_gb']:.2f} GB with grad_checkpoint)"),
             ("memory: total", f"{m['total_gb']:.2f} GB of {machine}" + ("" if m["fits"] else
-                                                                         f" (DOES NOT FIT: {does_not_fit_advice(p)})")),
+                                                                         f" (DOES NOT FIT{worst_case}: "
+                                                                         f"{does_not_fit_advice(p)})")),
             ("examples", f"{s['examples']} ({s['examples_counted']})"),
             ("batch", f"{p['batch']['global']} x {p['batch']['accumulation_steps']} accumulation = "
                       f"{p['batch']['examples_per_update']} examples per update"

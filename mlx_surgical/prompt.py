@@ -7,6 +7,7 @@ from typing import Optional
 
 import numpy as np
 
+from .console import counted
 from .data import Record, raise_problems, to_messages
 from .errors import UserError
 
@@ -77,10 +78,10 @@ class EncodedData:
     def report_lines(self, split: str) -> list[str]:
         lines = []
         if self.truncated:
-            lines.append(f"{split}: {len(self.truncated)} example(s) longer than max_seq_length had their "
+            lines.append(f"{split}: {counted(len(self.truncated), 'example')} longer than max_seq_length had their "
                          f"response cut: {', '.join(self.truncated[:5])}{' ...' if len(self.truncated) > 5 else ''}")
         if self.skipped:
-            lines.append(f"{split}: {len(self.skipped)} example(s) left out because their prompt fills "
+            lines.append(f"{split}: {counted(len(self.skipped), 'example')} left out because their prompt fills "
                          f"max_seq_length or overlength is 'skip': {', '.join(self.skipped[:5])}"
                          f"{' ...' if len(self.skipped) > 5 else ''}")
         return lines

@@ -61,7 +61,8 @@ def format_table(entries: list[AdapterEntry]) -> str:
     row = "{:<32} {:<12} {:<28} {:>12} {:>9} {:>9} {:>9}  {}"
     loss = lambda v: f"{v:.4f}" if v is not None else "-"  # noqa: E731
     header = row.format("name", "status", "base model", "parameters", "size", "best val", "final val", "created")
-    lines = [row.format(e.name[:32], e.status, e.base_model[-28:], f"{e.trainable_parameters or 0:,}",
+    tail = lambda text, width: text if len(text) <= width else "..." + text[3 - width:]  # noqa: E731
+    lines = [row.format(tail(e.name, 32), e.status, tail(e.base_model, 28), f"{e.trainable_parameters or 0:,}",
                         f"{e.size_bytes / 1e6:.2f}MB", loss(e.best_val_loss), loss(e.final_val_loss), e.created)
              for e in entries]
     return "\n".join([header, *lines])

@@ -98,7 +98,10 @@ def cached_choices() -> dict:
 def choices_in_force() -> list[dict]:
     """The cached choices a run on this machine would use now; others stay cached for when
     their CPU, BLAS or MLX comes back."""
-    return [c for c in cached_choices().values() if all(c.get(k) == v for k, v in this_machine().items())]
+    # Choices cached before the BLAS was recorded (it was part of their key already) count as this BLAS's.
+    here = this_machine()
+    return [c for c in cached_choices().values() if all(c.get(k, here["blas"] if k == "blas" else None) == v
+                                                        for k, v in here.items())]
 
 
 def candidates(model, fast_math: str, dequantize: str) -> list[ComputePath]:

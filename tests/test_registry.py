@@ -35,6 +35,8 @@ def test_list_show_verify_remove(trained_run, tmp_path):
     assert verified.exit_code == 0, verified.output
     assert "adapters.safetensors: checksum ok" in verified.output and "shapes fit" in verified.output
 
+    unasked = run("adapters", "--root", str(root), "rm", run_dir.name)  # no terminal to ask on
+    assert unasked.exit_code == 2 and "pass --yes" in unasked.output and run_dir.exists()
     removed = run("adapters", "--root", str(root), "rm", run_dir.name, "--yes")
     assert removed.exit_code == 0 and not run_dir.exists()
     missing = run("adapters", "--root", str(root), "show", run_dir.name)
@@ -71,5 +73,10 @@ def test_generate_streams_and_compares(trained_run, tiny_model, other_tiny_model
     assert base_side.strip() == after_loading(base_alone.output)
     assert adapted_side.strip() == after_loading(answer.output)
     assert all(c.isprintable() or c == "\n" for c in compared.output + base_alone.output + answer.output)
+    recorded_base = run("generate", "--adapter", str(trained_run), "--max-tokens", "8", "Write a function")
+    assert recorded_base.exit_code == 0 and after_loading(recorded_base.output) == after_loading(answer.output)
+    assert f"loading {tiny_model} ..." in recorded_base.output  # the base the run trained on
+    no_base = run("generate", "hi")
+    assert no_base.exit_code == 2 and "--model: name the base model" in no_base.output
     refused = run("generate", "--model", str(other_tiny_model), "--adapter", str(trained_run), "hi")
     assert refused.exit_code == 2 and "not on" in refused.output and "Traceback" not in refused.output

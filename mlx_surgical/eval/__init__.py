@@ -9,12 +9,14 @@ of the comparison come from one set of weights (`surgery.base_only`).
 
 import time
 from collections import defaultdict
+from contextlib import nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable, Optional
 
 from ..adapter import AdapterConfig
 from ..config import DataConfig, EvalConfig, RunConfig, TrainingConfig, eval_problems, resolve_data_path
+from ..console import counted, working
 from ..data import read_records, split_records
 from ..errors import UserError
 from ..generate import prompt_format_for
@@ -44,7 +46,7 @@ def _recorded_base(adapter_dir: Path, run: RunConfig) -> str:
 
 def _held_out(adapter_dir: Path, run: Optional[RunConfig], data: Optional[str]):
     if data is not None:
-        records = read_records(resolve_data_path(data, Path.cwd(), "--data"))
+        records = read_records(resolve_data_path(data, Path.cwd(), "--data"), "--data")
         if not records:
             raise UserError(f"{data}: no examples to evaluate on")
         return records, str(data)
@@ -115,13 +117,15 @@ def _by_concept(examples: list[EvalExample], held_out, per_example: dict, result
 
 def evaluate_adapter(adapter_dir: str | Path, model: Optional[str] = None, data: Optional[str] = None,
                      overrides: Optional[dict] = None, out_dir: Optional[str | Path] = None,
-                     loaded: Optional[LoadedModel] = None, log: Callable[[str], None] = print) -> dict:
+                     loaded: Optional[LoadedModel] = None, log: Callable[[str], None] = print,
+                     progress: bool = False) -> dict:
     """Evaluate base vs base + adapter and write eval.json and eval.md (into out_dir, by default
     the adapter directory); returns the report. adapter_dir is a run directory (its base model,
     validation split, data settings and eval section are used) or any mlx-lm adapter directory
     with `model` naming its base. `data` is a held-out file in any accepted format, `overrides`
     eval settings over the run's (or the defaults), `loaded` the model with this adapter
-    already attached (as training leaves it)."""
+    already attached (as training leaves it). With `progress` the long steps show a spinner (or
+    a line as each starts and ends) on stderr instead of going to `log`."""
     started = time.perf_counter()
     adapter_dir = require_directory(adapter_dir)
     run = _run_config(adapter_dir)
@@ -140,10 +144,14 @@ def evaluate_adapter(adapter_dir: str | Path, model: Optional[str] = None, data:
     samples = settings.samples if settings.samples is not None else (1 if problems else 0)
     sandbox = Sandbox(settings.timeout_seconds, settings.memory_mb) if samples and problems else None
 
+    def stage(message: str):
+        """A step that can take a minute: a spinner with its seconds (progress), else one log line."""
+        return working(message) if progress else nullcontext(log(message))
+
     if loaded is None:
-        log(f"loading {model_path} with the adapter in {adapter_dir}")
-        loaded = load_with_adapter(model_path, adapter_dir, where="--model" if model else "model.path",
-                                     dtype=run.model.dtype if run else "auto")
+        with stage(f"loading {model_path} with the adapter in {adapter_dir}"):
+            loaded = load_with_adapter(model_path, adapter_dir, where="--model" if model else "model.path",
+                                       dtype=run.model.dtype if run else "auto")
     loaded.model.eval()  # no LoRA dropout
     fmt = prompt_format_for(loaded, adapter_dir)
     if run:
@@ -159,21 +167,21 @@ def evaluate_adapter(adapter_dir: str | Path, model: Optional[str] = None, data:
     held_out = encode(records)
     if not held_out.samples:
         raise UserError(f"{source}: no example is left to score after length checks; raise training.max_seq_length")
-    log(f"held-out loss on {len(held_out.samples)} examples")
-    per_example = _both_sides(loaded.model, lambda: example_losses(loaded.model, held_out.samples, max_length))
-    log("reference-text loss, and KL to the base model on neutral prompts")
-    disturbed = _disturbed(loaded.model, encode, max_length)
+    with stage(f"held-out loss on {counted(len(held_out.samples), 'example')}"):
+        per_example = _both_sides(loaded.model, lambda: example_losses(loaded.model, held_out.samples, max_length))
+    with stage("reference-text loss, and KL to the base model on neutral prompts"):
+        disturbed = _disturbed(loaded.model, encode, max_length)
 
     results = None
     if sandbox:
-        log(f"running {samples} candidate(s) for each of {len(problems)} problems with tests "
-            f"(sandbox: {sandbox.isolation.mode})")
-        results = _both_sides(loaded.model, lambda: run_problems(
-            loaded, fmt, problems, samples, settings.temperature, settings.max_tokens, settings.seed, sandbox))
+        with stage(f"running {counted(samples, 'candidate')} for each of {counted(len(problems), 'problem')} "
+                   f"with tests (sandbox: {sandbox.isolation.mode})"):
+            results = _both_sides(loaded.model, lambda: run_problems(
+                loaded, fmt, problems, samples, settings.temperature, settings.max_tokens, settings.seed, sandbox))
 
     shown = [e for e in examples if e.has_answer][:settings.generations]
-    log(f"side-by-side answers to {len(shown)} held-out prompts")
-    answers = _both_sides(loaded.model, lambda: [generate(loaded, fmt, e, settings.max_tokens) for e in shown])
+    with stage(f"side-by-side answers to {counted(len(shown), 'held-out prompt')}"):
+        answers = _both_sides(loaded.model, lambda: [generate(loaded, fmt, e, settings.max_tokens) for e in shown])
 
     report = {
         "version": 1,
