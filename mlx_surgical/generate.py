@@ -51,7 +51,6 @@ def answer(loaded: LoadedModel, fmt: PromptFormat, instruction: str, max_tokens:
     return "".join(stream_answer(loaded, fmt, instruction, max_tokens)).strip()
 
 
-
 def compare_answers(loaded: LoadedModel, adapter_dir: str | Path, instruction: str,
                     max_tokens: int) -> tuple[str, str]:
     """(base answer, adapted answer) to one instruction, from a model with the adapter attached."""

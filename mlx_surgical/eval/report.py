@@ -146,4 +146,3 @@ def write_report(out_dir: Path, report: dict) -> RunDir:
     write_json_atomic(out.eval_json, report)
     write_text_atomic(out.eval_md, markdown(report))
     return out
-

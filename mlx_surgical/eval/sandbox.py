@@ -176,4 +176,3 @@ class Sandbox:
 
     def run(self, program: str) -> Outcome:
         return _run(self.isolation, program, self.timeout_seconds, self.memory_mb)
-

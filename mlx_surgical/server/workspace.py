@@ -88,7 +88,7 @@ def prepare_eval(raw: Any, name: str, store: JobStore) -> tuple[Path, dict]:
             if outside:
                 raise UserError(outside)
             data = resolve_data_path(data, store.workspace, "request: data")
-            records = read_records(data)
+            records = read_records(data, "request: data")
         elif examples is not None:
             if not isinstance(examples, list) or not examples:
                 raise UserError("request: examples: expected a non-empty list of examples")
