@@ -364,7 +364,7 @@ def doctor_cmd():
 
 
 def main():
-    from .backend import ensure_fast_blas
+    from .backend import prepare_cpu_backend
 
-    ensure_fast_blas()
+    prepare_cpu_backend()
     cli(prog_name="mlx-surgical")

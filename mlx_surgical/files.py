@@ -73,17 +73,18 @@ def current_umask() -> int:
     return mask
 
 
-def _share_like_new_files(path: Path) -> None:
-    """Give `path` (and a directory's contents) the modes a new file and folder get."""
+def _share_like_new_files(path: Path, executable: bool = False) -> None:
+    """Give `path` (and a directory's contents) the modes a new file (or program) and folder get."""
     umask = current_umask()
     for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
-        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+        os.chmod(p, (0o777 if p.is_dir() or executable else 0o666) & ~umask)
 
 
 @contextmanager
-def staged_file(out: str | Path, suffix: str = "") -> Iterator[Path]:
+def staged_file(out: str | Path, suffix: str = "", executable: bool = False) -> Iterator[Path]:
     """A temporary path beside `out`, renamed onto it only when the writer finished and the data
-    reached the disk. `suffix` keeps an extension for writers that insist on one."""
+    reached the disk. `suffix` keeps an extension for writers that insist on one; an executable
+    file is one before it gets its name, so nobody can run it half-made or unrunnable."""
     out = Path(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -93,7 +94,7 @@ def staged_file(out: str | Path, suffix: str = "") -> Iterator[Path]:
         raise write_failed(out, e) from None
     try:
         yield name
-        _share_like_new_files(name)
+        _share_like_new_files(name, executable)
         fsync_path(name)
         os.replace(name, out)
         fsync_path(out.parent)
@@ -143,8 +144,8 @@ def staged_directory(out: str | Path, create: bool = True) -> Iterator[Path]:
                 shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
 
 
-def write_text_atomic(path: str | Path, text: str) -> None:
-    with staged_file(path) as tmp:
+def write_text_atomic(path: str | Path, text: str, executable: bool = False) -> None:
+    with staged_file(path, executable=executable) as tmp:
         tmp.write_text(text, encoding="utf-8")
 
 

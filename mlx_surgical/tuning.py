@@ -60,8 +60,11 @@ def describe_rates(seconds_per_step: dict) -> str:
 
 def this_machine() -> dict:
     """What a measured choice holds for: the CPU, the BLAS and its kernel set (faster matmuls
-    shift the balance between the paths) and the MLX version."""
-    return {"cpu": cpu_description(), "blas": describe()["blas"], "mlx": mx.__version__}
+    shift the balance between the paths), how MLX's fused kernels are compiled (vectorised
+    elementwise work shifts it too) and the MLX version."""
+    facts = describe()
+    return {"cpu": cpu_description(), "blas": facts["blas"], "kernels": facts.get("kernels", ""),
+            "mlx": mx.__version__}
 
 
 def doctor_lines() -> list[str]:

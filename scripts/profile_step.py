@@ -27,9 +27,9 @@ import time
 from functools import partial
 from pathlib import Path
 
-from mlx_surgical.backend import ensure_fast_blas
+from mlx_surgical.backend import prepare_cpu_backend
 
-ensure_fast_blas()  # before mlx is imported, like the CLI
+prepare_cpu_backend()  # before mlx is imported, like the CLI
 
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402

@@ -13,8 +13,9 @@ every layer, batch 1 x 4 accumulation, AdamW at 1e-4. The first two updates (com
 warm-up) are timed separately; 2 + 30 updates take every system through all 104 examples at
 least once, so the peak memory of each includes the longest example. Peak memory is shown
 twice: the process's resident memory, and for the MLX systems the peak MLX itself allocated.
-Each system runs in its own process: both MLX ones with OpenBLAS preloaded (mlx_surgical does
-that by itself), PyTorch + PEFT (when torch, transformers and peft import) with its own BLAS
+Each system runs in its own process: both MLX ones with OpenBLAS preloaded and MLX's fused
+kernels compiled for the CPU's AVX2 (mlx_surgical does both by itself; mlx_lm.lora inherits
+them, so the two MLX trainers compare on the same MLX), PyTorch + PEFT (when torch, transformers and peft import) with its own BLAS
 and nothing preloaded. With --rounds N the three systems take turns N times and each is shown by
 its median round, as a shared machine's speed drifts by 10-20% over minutes.
 
@@ -36,9 +37,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from mlx_surgical.backend import ensure_fast_blas
+from mlx_surgical.backend import prepare_cpu_backend
 
-ensure_fast_blas()  # before mlx is imported, like the CLI
+prepare_cpu_backend()  # before mlx is imported, like the CLI
 
 from mlx_surgical.backend import CACHE_ENV, cpu_description, describe, measure_sgemm_gflops  # noqa: E402
 from mlx_surgical.config import config_from_dict, save_config  # noqa: E402

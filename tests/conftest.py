@@ -4,7 +4,7 @@
 preset `quickstart --real` uses.
 
 The suite runs offline (HF_HUB_OFFLINE) and, on Linux, re-executes itself once with
-OpenBLAS preloaded exactly as the CLI does (see mlx_surgical/backend.py)."""
+OpenBLAS preloaded and compiles MLX's kernels exactly as the CLI does (see mlx_surgical/backend.py)."""
 
 import json
 import os
@@ -21,7 +21,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
-from mlx_surgical.backend import fast_blas_environment, reexec  # noqa: E402
+from mlx_surgical.backend import ensure_vector_kernels, fast_blas_environment, reexec  # noqa: E402
 
 from mlx_surgical.config import config_from_dict  # noqa: E402
 from mlx_surgical.data import sample_path  # noqa: E402
@@ -29,14 +29,16 @@ from mlx_surgical.tiny import build_tiny_model  # noqa: E402
 
 
 def pytest_configure(config):
-    """Re-run the session with OpenBLAS preloaded before any test imports mlx. pytest has
-    already redirected stdout to its capture files; restore them first."""
+    """Prepare MLX's CPU backend as the CLI does: re-run the session with OpenBLAS preloaded
+    before any test imports mlx (pytest has already redirected stdout to its capture files;
+    restore them first), and vectorised kernels."""
     env = fast_blas_environment()
     if env is not None:
         capture = config.pluginmanager.getplugin("capturemanager")
         if capture is not None:
             capture.stop_global_capturing()
         reexec(env)
+    ensure_vector_kernels()
 
 
 @pytest.fixture(scope="session")

@@ -1,17 +1,38 @@
 """doctor and the OpenBLAS preload that makes MLX's CPU backend fast on Linux."""
 
+import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
-from mlx_surgical.backend import REEXECED, find_openblas
+from mlx_surgical.backend import (CACHE_ENV, REEXECED, VECTOR_CPU_FLAGS, VECTOR_OPT_OUT, cpu_flags, find_openblas,
+                                  vector_compiler_dir)
 
 linux_with_openblas = pytest.mark.skipif(platform.system() != "Linux" or find_openblas() is None,
                                          reason="only Linux with a system OpenBLAS preloads it")
+x86_with_vector_units = pytest.mark.skipif(
+    platform.system() != "Linux" or platform.machine() != "x86_64" or not VECTOR_CPU_FLAGS <= cpu_flags()
+    or not shutil.which("g++") or not shutil.which("objdump"),
+    reason="vectorised kernels apply on Linux x86_64 CPUs with AVX2, FMA and F16C, and need g++ (objdump to check)")
+
+# A process that prepares the backend as the CLI does, then runs a function mx.compile fuses into
+# one kernel that MLX compiles with g++ (the fast exp of the training step).
+FUSED_EXP = """
+import sys
+from mlx_surgical.backend import prepare_cpu_backend, describe
+prepare_cpu_backend()
+import json, mlx.core as mx, numpy as np
+from mlx_surgical.forward import fast_exp
+x = mx.linspace(-100.0, 100.0, 100_003)
+np.save(sys.argv[1], np.array(mx.compile(fast_exp)(x)))
+print(json.dumps(describe()))
+"""
 
 
 def doctor(**env) -> str:
@@ -79,3 +100,30 @@ def test_training_without_openblas_says_so_before_it_starts(make_config, tmp_pat
     assert result.returncode == 0, result.stderr
     assert result.stderr.startswith(f"warning: OpenBLAS is installed ({find_openblas()}) but not in use, so training "
                                     "runs about 14x slower")
+
+
+@x86_with_vector_units
+def test_mlx_compiles_its_kernels_for_the_vector_units_with_the_same_results(tmp_path):
+    outputs, kernels = {}, {}
+    without_wrapper = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if p != str(vector_compiler_dir()))
+    # The opted-out process inherits this session's wrapper on its PATH, and must drop it.
+    for mode, setting, path in (("vector", "1", without_wrapper), ("wheel", "0", os.environ["PATH"])):
+        mlx_tmp = tmp_path / mode
+        mlx_tmp.mkdir()
+        env = {**os.environ, "PATH": path, "TMPDIR": str(mlx_tmp), CACHE_ENV: str(tmp_path / "cache"),
+               VECTOR_OPT_OUT: setting}
+        result = subprocess.run([sys.executable, "-c", FUSED_EXP, str(tmp_path / f"{mode}.npy")], env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        kernels[mode] = json.loads(result.stdout.splitlines()[-1])["kernels"]
+        outputs[mode] = np.load(tmp_path / f"{mode}.npy")
+        libraries = list(mlx_tmp.rglob("*.so"))
+        assert libraries, "MLX compiled no kernel"
+        disassembly = "".join(subprocess.run(["objdump", "-d", str(lib)], capture_output=True, text=True).stdout
+                              for lib in libraries)
+        # AVX2 works on 256-bit ymm registers; code for plain x86-64 has none.
+        assert ("%ymm" in disassembly) == (mode == "vector"), mode
+    assert kernels["vector"].startswith("fused kernels compiled with -mavx2 -mfma -mf16c -ffp-contract=off")
+    assert kernels["wheel"] == "fused kernels compiled as the wheel does (no AVX2)"
+    assert np.array_equal(outputs["vector"], outputs["wheel"])
+    assert (tmp_path / "cache" / "mlx-jit" / "g++").stat().st_mode & 0o111
