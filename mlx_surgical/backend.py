@@ -184,13 +184,14 @@ def ensure_vector_kernels() -> None:
     on the SmolLM2 shape took 409 ms instead of 430 on an AMD Zen 5, with the same results bit for
     bit. Kernels already in MLX's cache (its folder under the temporary directory) stay as they
     were compiled; subprocesses inherit the PATH."""
-    if vector_kernels_active() and os.environ.get(VECTOR_OPT_OUT) != "0":
+    applies = (platform.system() == "Linux" and platform.machine() == "x86_64"
+               and os.environ.get(VECTOR_OPT_OUT) != "0" and VECTOR_CPU_FLAGS <= cpu_flags())
+    if applies and vector_kernels_active():
         return
     search = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if not _is_wrapper_dir(p))
     if search != os.environ.get("PATH", ""):
         os.environ["PATH"] = search
-    if (platform.system() != "Linux" or platform.machine() != "x86_64" or os.environ.get(VECTOR_OPT_OUT) == "0"
-            or not VECTOR_CPU_FLAGS <= cpu_flags()):
+    if not applies:
         return
     compiler = shutil.which("g++", path=search)
     if compiler is None:  # then MLX compiles no kernels either
