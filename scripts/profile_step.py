@@ -36,7 +36,7 @@ import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mlx_surgical import forward  # noqa: E402
-from mlx_surgical.backend import cpu_description, describe, measure_sgemm_gflops  # noqa: E402
+from mlx_surgical.backend import cpu_description, describe, keep_freed_memory, measure_sgemm_gflops  # noqa: E402
 from mlx_surgical.config import LoraConfig  # noqa: E402
 from mlx_surgical.loss import learned_cross_entropy, training_loss  # noqa: E402
 from mlx_surgical.model import load_model  # noqa: E402
@@ -89,6 +89,7 @@ def main():
     parser.add_argument("--learned", type=int, default=56, help="response tokens (learned positions)")
     args = parser.parse_args()
     print(f"cpu: {cpu_description()}", flush=True)
+    keep_freed_memory()  # as train_run does: without it the larger ops time page faults, not work
     shape = BENCHMARK_SHAPES[args.model]
     with tempfile.TemporaryDirectory() as tmp:
         model = load_model(str(build_tiny_model(Path(tmp) / "model", shape)), dtype="float32").model
