@@ -83,13 +83,16 @@ def _cpuinfo_field(info: str, key: str) -> str:
     return (re.search(rf"^{key}\s*:\s*(.*)$", info, re.M) or [None, ""])[1].strip()
 
 
+def _flags_in(info: str) -> set[str]:
+    return set(_cpuinfo_field(info, "flags").split() or _cpuinfo_field(info, "Features").split())
+
+
 def cpu_flags() -> set[str]:
     """The CPU's instruction-set flags as Linux lists them (empty elsewhere)."""
     try:
-        info = Path("/proc/cpuinfo").read_text()
+        return _flags_in(Path("/proc/cpuinfo").read_text())
     except OSError:
         return set()
-    return set(_cpuinfo_field(info, "flags").split() or _cpuinfo_field(info, "Features").split())
 
 
 def cpu_description() -> str:
@@ -104,7 +107,7 @@ def cpu_description() -> str:
     except OSError:
         return platform.processor() or platform.machine()
     field = lambda key: _cpuinfo_field(info, key)  # noqa: E731
-    flags = cpu_flags()
+    flags = _flags_in(info)
     extensions = [label for flag, label in SPEED_FLAGS.items() if flag in flags]
     family = f"family {field('cpu family')} model {field('model')}" if field("cpu family") else platform.machine()
     return f"{field('model name') or platform.machine()} ({family}; {', '.join(extensions) or 'no vector extensions'})"
@@ -171,6 +174,11 @@ def _is_wrapper_dir(entry: str) -> bool:
     return Path(entry).name == vector_compiler_dir().name and (Path(entry) / "g++").is_file()
 
 
+def search_path_without_wrapper() -> str:
+    """PATH without any vector-kernel g++ wrapper: where the real compiler is found."""
+    return os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if not _is_wrapper_dir(p))
+
+
 def vector_kernels_active() -> bool:
     """The g++ that MLX finds first is the wrapper (this process's, or an inherited one)."""
     return _is_wrapper_dir(os.environ.get("PATH", "").split(os.pathsep)[0])
@@ -188,7 +196,7 @@ def ensure_vector_kernels() -> None:
                and os.environ.get(VECTOR_OPT_OUT) != "0" and VECTOR_CPU_FLAGS <= cpu_flags())
     if applies and vector_kernels_active():
         return
-    search = os.pathsep.join(p for p in os.environ.get("PATH", "").split(os.pathsep) if not _is_wrapper_dir(p))
+    search = search_path_without_wrapper()
     if search != os.environ.get("PATH", ""):
         os.environ["PATH"] = search
     if not applies:

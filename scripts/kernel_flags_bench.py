@@ -17,8 +17,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from mlx_surgical.backend import (VECTOR_OPT_OUT, cpu_description, prepare_cpu_backend, vector_compiler_dir,
-                                  vector_kernels_active)
+from mlx_surgical.backend import (VECTOR_OPT_OUT, cpu_description, prepare_cpu_backend, search_path_without_wrapper,
+                                  vector_compiler_dir, vector_kernels_active)
 
 prepare_cpu_backend()  # before mlx is imported, like the CLI
 
@@ -38,7 +38,7 @@ def main():
     print(f"cpu: {cpu_description()}", flush=True)
     updates = speed_bench.DEFAULT_UPDATES[args.model]
     wrapper = str(vector_compiler_dir())
-    plain_path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if p != wrapper)
+    plain_path = search_path_without_wrapper()
     if not vector_kernels_active():
         raise SystemExit("vectorised kernels do not apply on this machine (see mlx_surgical/backend.py)")
     with tempfile.TemporaryDirectory() as tmp:

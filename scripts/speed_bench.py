@@ -15,8 +15,8 @@ least once, so the peak memory of each includes the longest example. Peak memory
 twice: the process's resident memory, and for the MLX systems the peak MLX itself allocated.
 Each system runs in its own process: both MLX ones with OpenBLAS preloaded and MLX's fused
 kernels compiled for the CPU's AVX2 (mlx_surgical does both by itself; mlx_lm.lora inherits
-them, so the two MLX trainers compare on the same MLX), PyTorch + PEFT (when torch, transformers and peft import) with its own BLAS
-and nothing preloaded. With --rounds N the three systems take turns N times and each is shown by
+them, so the two MLX trainers compare on the same MLX), PyTorch + PEFT (when torch,
+transformers and peft import) with its own BLAS and nothing preloaded. With --rounds N the three systems take turns N times and each is shown by
 its median round, as a shared machine's speed drifts by 10-20% over minutes.
 
 Two more mlx_surgical rows: the same model converted to 4 bits (QLoRA; its frozen matmuls take
