@@ -16,8 +16,8 @@ Frozen quantized layers have a CPU path too: MLX's CPU `quantized_matmul` runs a
 1.5 GFLOP/s, while dequantizing the weight to float32 inside the compiled step and using the
 BLAS matmul runs 20-100x faster, and keeps the weights stored at their 4 or 8 bits.
 
-Whether each path pays depends on the CPU (measured: the fast math was 2.9x slower on an Intel
-Sapphire Rapids, 1.3x faster on an AMD Zen 5): `tuning.py` measures and chooses.
+Whether each path pays depends on the CPU (and, for the quantized layers, the model): `tuning.py`
+measures and chooses.
 """
 
 import mlx.core as mx
@@ -29,20 +29,26 @@ _LN2_HI, _LN2_LO = 0.693359375, -2.12194440e-4
 # Minimax polynomial for e^r on [-ln2/2, ln2/2] (Cephes expf).
 _EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1,
              5.0000001201e-1)
-_MASKED = -1e9  # additive causal mask; fast_exp maps it to ~1e-38, an exact zero in float32 sums
+_MASKED = -1e9  # additive causal mask; fast_exp maps it to exactly 0
 
 
 def fast_exp(x: mx.array) -> mx.array:
-    """exp(x) for float32 x, as e^r * 2^n with n = round(x / ln 2); inputs are clamped to the
-    float32 range, NaN stays NaN. Used inside functions with their own VJP only."""
-    x = mx.clip(x, -87.0, 88.0)
+    """exp(x) for float32 x, as e^r * 2^n with n = round(x / ln 2); inputs above the float32
+    range are clamped, NaN stays NaN. Used inside functions with their own VJP only.
+
+    Below -88 the result is exactly 0 (the exponent field is floored at 0), not a subnormal: on
+    Intel CPUs an operation that meets a subnormal takes a microcode assist, and the masked half
+    of the attention probabilities, with all the backward pass forms from them, made the
+    attention 13x slower on a Sapphire Rapids. Subnormal results remain only for x in
+    (-88, -87.3), which real scores hardly ever hit."""
+    x = mx.clip(x, -88.0, 88.0)
     n = mx.floor(x * _LOG2E + 0.5)
     r = x - n * _LN2_HI - n * _LN2_LO
     p = _EXP_POLY[0]
     for c in _EXP_POLY[1:]:
         p = p * r + c
     mantissa = p * r * r + r + 1.0
-    two_to_n = mx.view((n.astype(mx.int32) + 127) << 23, mx.float32)
+    two_to_n = mx.view(mx.maximum(n.astype(mx.int32) + 127, 0) << 23, mx.float32)
     return mantissa * two_to_n
 
 

@@ -26,6 +26,9 @@ from .shape import ModelShape
 from .train import compiled_grad_step
 
 CHOICES_FILE = "cpu_paths.json"
+# Raised whenever a candidate path's code changes speed, so choices measured with the old code
+# are measured again (2: forward.fast_exp returns 0 instead of subnormals).
+PATHS_REVISION = "2"
 TIMED_ROUNDS = 5
 # A candidate whose median step is this many times slower than the best is not timed further:
 # MLX's quantized_matmul on the CPU can take many seconds per step on a large model.
@@ -61,10 +64,10 @@ def describe_rates(seconds_per_step: dict) -> str:
 def this_machine() -> dict:
     """What a measured choice holds for: the CPU, the BLAS and its kernel set (faster matmuls
     shift the balance between the paths), how MLX's fused kernels are compiled (vectorised
-    elementwise work shifts it too) and the MLX version."""
+    elementwise work shifts it too), the MLX version and the revision of our candidates' code."""
     facts = describe()
     return {"cpu": cpu_description(), "blas": facts["blas"], "kernels": facts.get("kernels", ""),
-            "mlx": mx.__version__}
+            "mlx": mx.__version__, "paths": PATHS_REVISION}
 
 
 def doctor_lines() -> list[str]:
