@@ -2,7 +2,8 @@
 
 On MLX's CPU backend two paths are choices rather than wins: the CPU fast math of forward.py
 (an exp from multiply-adds, attention and SwiGLU with their own VJPs) was 1.3x faster than
-MLX's own ops on an AMD Zen 5, equal on a Zen 3 and 2.9x slower on an Intel Sapphire Rapids;
+MLX's own ops on an AMD Zen 5, 1.1x on an Intel Sapphire Rapids (4.7x slower there while its exp
+produced subnormals) and equal on a Zen 3;
 and a quantized base's matmuls can run as MLX's quantized_matmul or as dequantize + float
 matmul. So the first run of a model shape on a machine times a few real training steps of
 each candidate on the run's own batches, keeps the fastest, and caches the choice (with the

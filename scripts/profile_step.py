@@ -106,7 +106,9 @@ def main():
     kv = [mx.random.normal((1, shape.kv_heads, L, head_dim)) for _ in range(2)]
     gate, up = mx.random.normal((1, L, inter)), mx.random.normal((1, L, inter))
     mask = mx.triu(mx.full((L, L), -1e9, mx.float32), k=1)
-    final_hidden = mx.random.normal((1, L, hidden))
+    # The model's own final hidden states, so the loss meets the step's logits: random vectors
+    # gave logits whose exps fell into subnormals, which cost an Intel CPU 1.4x on the loss.
+    final_hidden = forward.hidden_states(model, batch[0], fast_math=False)
     mx.eval(x, q, kv, gate, up, mask, final_hidden)
 
     layer = model.model.layers[0]
