@@ -29,7 +29,7 @@ _LN2_HI, _LN2_LO = 0.693359375, -2.12194440e-4
 # Minimax polynomial for e^r on [-ln2/2, ln2/2] (Cephes expf).
 _EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1,
              5.0000001201e-1)
-_MASKED = -1e9  # additive causal mask; fast_exp maps it to exactly 0
+MASKED_SCORE = -1e9  # additive causal mask; fast_exp maps it to exactly 0
 
 
 def fast_exp(x: mx.array) -> mx.array:
@@ -191,7 +191,7 @@ def hidden_states(model, inputs: mx.array, fast_math: bool, grad_checkpoint: boo
     h = inner.embed_tokens(inputs)
     length = inputs.shape[1]
     if fast_math:
-        block, mask = _fast_block, mx.triu(mx.full((length, length), _MASKED, mx.float32), k=1)
+        block, mask = _fast_block, mx.triu(mx.full((length, length), MASKED_SCORE, mx.float32), k=1)
     else:
         block, mask = (lambda layer, h, mask: layer(h, mask)), "causal"
     for layer in inner.layers:

@@ -14,7 +14,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_surgical import loss as loss_module
 from mlx_surgical.batches import collate
 from mlx_surgical.config import LoraConfig
-from mlx_surgical.forward import fast_exp, quantized_layers, set_dequantized_matmuls
+from mlx_surgical.forward import MASKED_SCORE, causal_attention, fast_exp, quantized_layers, set_dequantized_matmuls
 from mlx_surgical.loss import full_logits_cross_entropy, response_cross_entropy
 from mlx_surgical.model import load_model
 from mlx_surgical.prompt import Sample
@@ -100,6 +100,18 @@ def test_fast_exp_matches_exp_and_keeps_nan():
     subnormal = (got > 0) & (got < np.finfo(np.float32).tiny)
     assert np.all((x[subnormal] > -88) & (x[subnormal] < -87.3))
     assert np.isnan(np.array(fast_exp(mx.array([np.nan], mx.float32)))).all()
+
+
+def test_masked_attention_probabilities_are_exact_zeros():
+    """The causal mask's scores give probabilities of exactly 0, never subnormals, in the
+    forward pass and hence in everything the backward pass forms from them."""
+    B, H, G, L, D = 1, 4, 2, 48, 16
+    q, k, v = (mx.random.normal((B, heads, L, D), key=mx.random.key(i)) for i, heads in enumerate((H, G, G)))
+    mask = mx.triu(mx.full((L, L), MASKED_SCORE, mx.float32), k=1)
+    probs = np.array(causal_attention(q * D ** -0.5, k, v, mask)[1]).reshape(B, G, H // G, L, L)
+    assert np.all(probs[..., np.triu_indices(L, k=1)[0], np.triu_indices(L, k=1)[1]] == 0)
+    assert not np.any((probs > 0) & (probs < np.finfo(np.float32).tiny))
+    np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
 
 
 @pytest.mark.parametrize("fast_math", [True, False])
