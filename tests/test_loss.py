@@ -15,7 +15,8 @@ from mlx_surgical import loss as loss_module
 from mlx_surgical.batches import collate
 from mlx_surgical.config import LoraConfig
 from mlx_surgical.forward import MASKED_SCORE, causal_attention, fast_exp, quantized_layers, set_dequantized_matmuls
-from mlx_surgical.loss import full_logits_cross_entropy, response_cross_entropy
+from mlx_surgical.loss import (CHUNK_ROW_MULTIPLE, full_logits_cross_entropy, loss_chunk_rows, loss_chunks,
+                               response_cross_entropy)
 from mlx_surgical.model import load_model
 from mlx_surgical.prompt import Sample
 from mlx_surgical.surgery import attach_lora
@@ -85,6 +86,20 @@ def test_compiled_step_matches_the_plain_path(model_dir):
     for name, g in tree_flatten(grads):
         np.testing.assert_allclose(np.array(g), np.array(plain_grads[name]),
                                    atol=1e-4 * float(mx.abs(plain_grads[name]).max()), err_msg=name)
+
+
+@pytest.mark.parametrize("vocab_size", [49_152, 32_016, 512])
+def test_loss_chunks_cover_every_row_once_in_as_few_even_chunks_as_allowed(vocab_size):
+    """No thin remainder: 56 learned rows of SmolLM2's vocabulary are one chunk, not 48 + 8."""
+    most = loss_chunk_rows(vocab_size)
+    for rows in range(1, 3 * most + 40):
+        chunks = [range(rows)[s] for s in loss_chunks(rows, vocab_size)]
+        assert [i for chunk in chunks for i in chunk] == list(range(rows))
+        assert len(chunks) == -(-rows // most) and max(map(len, chunks)) <= most
+        assert all(len(chunk) % CHUNK_ROW_MULTIPLE == 0 for chunk in chunks[:-1])
+        assert len(chunks[-1]) > len(chunks[0]) - CHUNK_ROW_MULTIPLE * len(chunks)
+    assert [(s.start, s.stop) for s in loss_chunks(56, 49_152)] == [(0, 64)]
+    assert [(s.start, s.stop) for s in loss_chunks(200, 49_152)] == [(0, 112), (112, 224)]
 
 
 def test_fast_exp_matches_exp_and_keeps_nan():
