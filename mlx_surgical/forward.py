@@ -6,7 +6,7 @@ training step took longer than all its matmuls. On the CPU this module computes 
 block with an exp built from multiply-adds and a bit shift, which `mx.compile` turns into a few
 fused loops (2-4x faster, relative error below 1e-5). Attention and the SwiGLU are custom
 functions with hand-written VJPs that keep only what the backward pass needs (the attention
-probabilities, the gate's sigmoid), as a fused kernel would. On Metal and CUDA the model's own
+probabilities, the gate's sigmoid), as a fused kernel would, and RoPE is one fused pass each way. On Metal and CUDA the model's own
 forward, with MLX's fused attention, is used.
 
 The parameters are the model's own modules, called in mlx-lm's order, so LoRA layers, RoPE
@@ -22,6 +22,8 @@ measures and chooses.
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
+from mlx_lm.models.rope_utils import Llama3RoPE
 
 _LOG2E = 1.4426950408889634
 # ln 2 split in two (Cody-Waite), so x - n ln2 stays exact for the polynomial below.
@@ -99,6 +101,49 @@ def _swiglu_vjp(primals, cotangents, outputs):
     return grad_out * up * (sigmoid + silu * (1.0 - sigmoid)), grad_out * silu
 
 
+def rope_tables(rope, length: int, head_dim: int):
+    """(cos, signed sin) of RoPE's angles at positions 0..length-1, shaped (length, 2, dims/2)
+    to broadcast over (batch, heads, length, 2, dims/2), computed as MLX's CPU RoPE computes
+    them. None for the kinds rotate_halves does not cover (only part of the head rotated,
+    interleaved pairs, scaled variants other than Llama 3's): the model's own module runs then."""
+    if rope.dims != head_dim or rope.traditional:
+        return None
+    half = head_dim // 2
+    if type(rope) is nn.RoPE:
+        exponent = float(np.log(np.float32(rope.base)) / np.float32(half))
+        inverse_freqs, scale = mx.exp(mx.arange(0, -half, -1, dtype=mx.float32) * exponent), rope.scale
+    elif type(rope) is Llama3RoPE:
+        inverse_freqs, scale = mx.reciprocal(rope._freqs.astype(mx.float32)), 1.0
+    else:
+        return None
+    theta = (mx.arange(length, dtype=mx.float32) * scale)[:, None] * inverse_freqs
+    cos, sin = mx.cos(theta), mx.sin(theta)
+    return mx.stack([cos, cos], axis=1), mx.stack([-sin, sin], axis=1)
+
+
+@mx.custom_function
+def rotate_halves(x: mx.array, cos: mx.array, signed_sin: mx.array):
+    """RoPE on x (batch, heads, length, 2, dims/2): each half's partner is the other half, read
+    through a reversed view, so forward and backward are one fused pass each. MLX's CPU RoPE
+    slices, concatenates and, in the backward pass, scatters the halves into zeros."""
+    return x * cos + x[..., ::-1, :] * signed_sin
+
+
+@rotate_halves.vjp
+def _rotate_halves_vjp(primals, cotangent, output):
+    _, cos, signed_sin = primals
+    return cotangent * cos - cotangent[..., ::-1, :] * signed_sin, mx.zeros_like(cos), mx.zeros_like(signed_sin)
+
+
+def apply_rope(rope, x: mx.array) -> mx.array:
+    """The model's RoPE on x (batch, heads, length, head_dim), as rotate_halves where it covers
+    the kind: the whole micro-step 2-8% faster on an AMD Zen 5 (SmolLM2's and "small"'s shapes)."""
+    tables = rope_tables(rope, x.shape[-2], x.shape[-1])
+    if tables is None:
+        return rope(x)
+    return rotate_halves(x.reshape(*x.shape[:-1], 2, -1), *tables).reshape(x.shape)
+
+
 def _float_weight(layer, dtype) -> mx.array:
     weight = mx.dequantize(layer["weight"], layer["scales"], layer.get("biases"), layer.group_size, layer.bits,
                            mode=layer.mode)
@@ -157,7 +202,7 @@ def _attention(attn, x: mx.array, mask: mx.array) -> mx.array:
     q = attn.q_proj(x).reshape(B, L, attn.n_heads, -1).transpose(0, 2, 1, 3)
     k = attn.k_proj(x).reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
     v = attn.v_proj(x).reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
-    q, k = attn.rope(q), attn.rope(k)
+    q, k = apply_rope(attn.rope, q), apply_rope(attn.rope, k)
     f32 = lambda a: a.astype(mx.float32)  # noqa: E731
     out = causal_attention(f32(q * attn.scale), f32(k), f32(v), mask)[0].astype(x.dtype)
     return attn.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))

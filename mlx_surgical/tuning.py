@@ -28,8 +28,8 @@ from .train import compiled_grad_step
 
 CHOICES_FILE = "cpu_paths.json"
 # Raised whenever a candidate path's code changes speed, so choices measured with the old code
-# are measured again (2: forward.fast_exp returns 0 instead of subnormals).
-PATHS_REVISION = "2"
+# are measured again (2: forward.fast_exp returns 0 instead of subnormals; 3: RoPE as one fused pass).
+PATHS_REVISION = "3"
 TIMED_ROUNDS = 5
 # A candidate whose median step is this many times slower than the best is not timed further:
 # MLX's quantized_matmul on the CPU can take many seconds per step on a large model.

@@ -14,7 +14,9 @@ from mlx.utils import tree_flatten, tree_unflatten
 from mlx_surgical import loss as loss_module
 from mlx_surgical.batches import collate
 from mlx_surgical.config import LoraConfig
-from mlx_surgical.forward import MASKED_SCORE, causal_attention, fast_exp, quantized_layers, set_dequantized_matmuls
+from mlx_surgical.forward import (MASKED_SCORE, apply_rope, causal_attention, fast_exp, quantized_layers, rope_tables,
+                                  set_dequantized_matmuls)
+from mlx_lm.models.rope_utils import initialize_rope
 from mlx_surgical.loss import (CHUNK_ROW_MULTIPLE, full_logits_cross_entropy, loss_chunk_rows, loss_chunks,
                                response_cross_entropy)
 from mlx_surgical.model import load_model
@@ -127,6 +129,27 @@ def test_masked_attention_probabilities_are_exact_zeros():
     assert np.all(probs[..., np.triu_indices(L, k=1)[0], np.triu_indices(L, k=1)[1]] == 0)
     assert not np.any((probs > 0) & (probs < np.finfo(np.float32).tiny))
     np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                  "original_max_position_embeddings": 8192}
+
+
+@pytest.mark.parametrize("rope", [nn.RoPE(64, base=100_000.0), nn.RoPE(128, base=1e6, scale=0.5),
+                                  initialize_rope(64, 500_000.0, False, LLAMA3_SCALING, 131_072)],
+                         ids=["smollm2", "linear-scaled", "llama3"])
+def test_rotate_halves_is_the_models_rope_forward_and_backward(rope):
+    B, H, L, D = 2, 3, 300, rope.dims
+    x, grad_out = (mx.random.normal((B, H, L, D), key=mx.random.key(i)) for i in range(2))
+    (got,), (got_grad,) = mx.vjp(lambda x: apply_rope(rope, x), [x], [grad_out])
+    (want,), (want_grad,) = mx.vjp(rope, [x], [grad_out])
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=2e-5)
+    np.testing.assert_allclose(np.array(got_grad), np.array(want_grad), atol=2e-5)
+
+
+def test_rope_kinds_without_a_table_keep_the_models_module():
+    assert rope_tables(nn.RoPE(32, traditional=True), 8, 32) is None
+    assert rope_tables(nn.RoPE(32), 8, 64) is None  # only part of each head rotated
 
 
 @pytest.mark.parametrize("fast_math", [True, False])
