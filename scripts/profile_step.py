@@ -10,8 +10,8 @@ the bundled pairs' typical bucket):
 
 - the whole micro-step, on both CPU compute paths (forward.py's fast math, MLX's own ops);
 - per layer, multiplied by the layer count: the frozen projections' matmuls, what LoRA adds on
-  q/k/v (adapter matmuls, dropout, scaling), the attention core and the SwiGLU (each as the fast
-  math computes it and as MLX's ops do), RMSNorm + RoPE, and the rest of the block (residual
+  q/k/v (adapter matmuls, dropout, scaling), the attention core, the SwiGLU and RMSNorm + RoPE
+  (each as the fast math computes it and as MLX's ops do), and the rest of the block (residual
   adds, layout copies, one dispatch per op) as the whole block less those parts;
 - the output head and loss on the learned rows;
 - what is left of the step: embedding, the final norm, the gradient tree.
@@ -124,9 +124,9 @@ def main():
     def mlx_attention(q, k, v):
         return mx.fast.scaled_dot_product_attention(q, k, v, scale=1.0, mask="causal")
 
-    def norms_rope(x):
+    def norms_rope(x, rope):
         h = layer.input_layernorm(x)
-        rotated = attn.rope(h.reshape(1, L, shape.heads, head_dim).transpose(0, 2, 1, 3))
+        rotated = rope(h.reshape(1, L, shape.heads, head_dim).transpose(0, 2, 1, 3))
         return layer.post_attention_layernorm(h).sum() + rotated.sum()
 
     qkv = lambda m, x: m.q_proj(x).sum() + m.k_proj(x).sum() + m.v_proj(x).sum()  # noqa: E731
@@ -144,7 +144,8 @@ def main():
         "attention MLX": (input_gradient(mlx_attention, 3), (q, *kv)),
         "swiglu fast": (input_gradient(lambda g, u: forward.swiglu(g, u)[0], 2), (gate, up)),
         "swiglu MLX": (input_gradient(lambda g, u: nn.silu(g) * u, 2), (gate, up)),
-        "norms + rope": (input_gradient(norms_rope), (x,)),
+        "norms + rope fast": (input_gradient(lambda x: norms_rope(x, partial(forward.apply_rope, attn.rope))), (x,)),
+        "norms + rope MLX": (input_gradient(lambda x: norms_rope(x, attn.rope)), (x,)),
         "block fast": (module_gradient(layer, lambda m, x: forward._fast_block(m, x, mask)), (x,)),
         "block MLX": (module_gradient(layer, lambda m, x: m(x, "causal")), (x,)),
         "head + loss": (input_gradient(head_and_loss), (final_hidden,)),
@@ -153,14 +154,14 @@ def main():
     layers = shape.layers
     lora = ms["qkv with LoRA"] - ms["qkv frozen"]
     rows = []  # (op class, fast math ms per step, MLX ops ms per step)
-    for path, attention, swiglu in (("fast", "attention fast", "swiglu fast"), ("MLX", "attention MLX", "swiglu MLX")):
-        parts = ms["projections"] + lora + ms[attention] + ms[swiglu] + ms["norms + rope"]
+    for path in ("fast", "MLX"):
+        parts = ms["projections"] + lora + ms[f"attention {path}"] + ms[f"swiglu {path}"] + ms[f"norms + rope {path}"]
         ms[f"rest {path}"] = ms[f"block {path}"] - parts
     rows.append(("frozen projections (7 matmuls)", ms["projections"] * layers, ms["projections"] * layers))
     rows.append(("LoRA on q/k/v (adapter, dropout)", lora * layers, lora * layers))
     rows.append(("attention core", ms["attention fast"] * layers, ms["attention MLX"] * layers))
     rows.append(("SwiGLU", ms["swiglu fast"] * layers, ms["swiglu MLX"] * layers))
-    rows.append(("RMSNorm + RoPE", ms["norms + rope"] * layers, ms["norms + rope"] * layers))
+    rows.append(("RMSNorm + RoPE", ms["norms + rope fast"] * layers, ms["norms + rope MLX"] * layers))
     rows.append(("rest of the block (adds, copies, dispatch)", ms["rest fast"] * layers, ms["rest MLX"] * layers))
     rows.append(("output head + loss", ms["head + loss"], ms["head + loss"]))
     outside = lambda path, step: step - ms[f"block {path}"] * layers - ms["head + loss"]  # noqa: E731
