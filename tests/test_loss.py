@@ -10,13 +10,13 @@ import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten, tree_unflatten
+from mlx_lm.models.rope_utils import initialize_rope
 
 from mlx_surgical import loss as loss_module
 from mlx_surgical.batches import collate
 from mlx_surgical.config import LoraConfig
 from mlx_surgical.forward import (MASKED_SCORE, apply_rope, causal_attention, fast_exp, quantized_layers, rope_tables,
                                   set_dequantized_matmuls)
-from mlx_lm.models.rope_utils import initialize_rope
 from mlx_surgical.loss import (CHUNK_ROW_MULTIPLE, full_logits_cross_entropy, loss_chunk_rows, loss_chunks,
                                response_cross_entropy)
 from mlx_surgical.model import load_model
