@@ -103,6 +103,11 @@ class TrainingConfig:
         "auto", "MLX CPU backend, quantized base only: 'dequantize' multiplies by each frozen weight "
         "dequantized to float inside the step (BLAS speed, memory stays quantized), 'native' uses MLX's "
         "quantized_matmul; 'auto' measures both once per machine and model shape.")
+    cpu_paired_micro_batches: Literal["auto", "on", "off"] = option(
+        "auto", "MLX CPU backend, 2+ accumulation steps, one process: 'on' computes two micro-batches "
+        "at once, each on its own CPU stream with a one-thread BLAS, so every core also does elementwise "
+        "work (twice the activation memory); 'off' one at a time on a multi-threaded BLAS; 'auto' "
+        "measures both once per machine and model shape.")
 
 
 @dataclass

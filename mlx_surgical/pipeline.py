@@ -42,7 +42,7 @@ from .rundir import (FINISHED, BaseModelInfo, BestInfo, DataInfo, FinalInfo, Run
                      default_run_name, load_run_config, now, output_location_problems, output_problems)
 from .surgery import adapter_weights, attach_lora
 from .train import (LoopSettings, evaluate, learning_rate_schedule, make_optimizer, schedule_for, train)
-from .tuning import choose_path
+from .tuning import choose_path, pairing_options
 
 TUNING_BATCHES = 2  # the run's first micro-batches time the candidate compute paths
 
@@ -277,7 +277,8 @@ def _train_owned(config: RunConfig, run: RunDir, resume: bool, t_start: float, w
     choice = choose_path(loaded.model, loaded.shape, config.model.dtype, t.grad_checkpoint, t.cpu_math,
                          t.cpu_quantized_matmul, lambda path: training_loss(loaded.model, t.grad_checkpoint,
                                                                             path.fast_math),
-                         [stream.batch(position) for position in range(TUNING_BATCHES)], log)
+                         [stream.batch(position) for position in range(TUNING_BATCHES)], log,
+                         pairing_options(t.cpu_paired_micro_batches, t.grad_accumulation_steps, ranks))
     log(choice.describe())
     info.compute_path = choice.describe()
     write_info()
@@ -285,7 +286,7 @@ def _train_owned(config: RunConfig, run: RunDir, resume: bool, t_start: float, w
 
     def validation_loss():
         return evaluate(loaded.model, loss_fn,
-                        eval_batches(valid_data.samples, t.batch_size, t.max_seq_length))
+                        eval_batches(valid_data.samples, t.batch_size, t.max_seq_length), choice.path.paired)
 
     console = ConsoleProgress(progress)
     checkpointer = Checkpointer(run_dir, loaded.model, optimizer, adapter_cfg, t.save_every, t.keep_checkpoints)
@@ -293,7 +294,7 @@ def _train_owned(config: RunConfig, run: RunDir, resume: bool, t_start: float, w
     stop_flag = stop_flag or StopFlag(announce=primary)
     restore_signals = stop_flag.install()
     settings = LoopSettings(schedule.updates, t.grad_accumulation_steps, t.eval_every, t.patience, t.seed,
-                            world if ranks > 1 else None)
+                            world if ranks > 1 else None, choice.path.paired)
     writers = (metrics, checkpointer) if primary else ()
 
     status = "failed"

@@ -102,24 +102,27 @@ def activation_bytes(shape: ModelShape, tokens_per_batch: int, seq_len: int, bat
 
 
 def memory_estimate(shape: ModelShape, lora_params: int, training: TrainingConfig, dtype_bytes: int,
-                    seq_len: Optional[int] = None, cpu_math: Optional[bool] = None) -> dict:
+                    seq_len: Optional[int] = None, cpu_math: Optional[bool] = None, ranks: int = 1) -> dict:
     """Peak training memory; activations for batches of `seq_len` tokens (default: the
     worst case, max_seq_length), on this machine's MLX device unless cpu_math says."""
     if cpu_math is None:
         cpu_math = on_cpu_backend()  # the fast math keeps more: plan for it
+    # Where micro-batches may run in pairs (train.py, MLX's CPU backend), two hold activations at once.
+    at_once = 2 if (cpu_math and ranks == 1 and training.grad_accumulation_steps >= 2
+                    and training.cpu_paired_micro_batches != "off") else 1
     seq_len = seq_len or training.max_seq_length
     tokens = training.batch_size * seq_len
     base = weight_bytes(shape, dtype_bytes)
     lora = 4 * lora_params  # float32
     grads = 2 * 4 * lora_params  # this micro-batch's and the accumulated gradients
     adam = 2 * 4 * lora_params  # first and second moments
-    acts = activation_bytes(shape, tokens, seq_len, training.batch_size, dtype_bytes, False, cpu_math)
-    acts_ckpt = activation_bytes(shape, tokens, seq_len, training.batch_size, dtype_bytes, True, cpu_math)
+    acts = at_once * activation_bytes(shape, tokens, seq_len, training.batch_size, dtype_bytes, False, cpu_math)
+    acts_ckpt = at_once * activation_bytes(shape, tokens, seq_len, training.batch_size, dtype_bytes, True, cpu_math)
     chosen = acts_ckpt if training.grad_checkpoint else acts
     return {
         "base_weights_gb": base / GB, "lora_weights_gb": lora / GB, "gradients_gb": grads / GB,
         "adamw_state_gb": adam / GB, "activations_gb": acts / GB, "activations_checkpointed_gb": acts_ckpt / GB,
-        "grad_checkpoint": training.grad_checkpoint, "sequence_length": seq_len,
+        "grad_checkpoint": training.grad_checkpoint, "sequence_length": seq_len, "micro_batches_at_once": at_once,
         "total_gb": (base + lora + grads + adam + chosen) / GB,
     }
 
@@ -158,7 +161,7 @@ def plan_run(config: RunConfig, probe: bool = True, ranks: int = 1, log: Callabl
     # Padding rounds a batch up to a bucket (batches.bucket).
     seq_len = padded_length(longest, config.training.max_seq_length) if longest else None
     # Memory is per rank: each holds the whole model and its share of the batch.
-    memory = memory_estimate(shape, lora_params, replace(t, batch_size=per_rank), dtype_bytes, seq_len)
+    memory = memory_estimate(shape, lora_params, replace(t, batch_size=per_rank), dtype_bytes, seq_len, ranks=ranks)
     memory["machine_gb"] = machine_memory_gb()
     memory["fits"] = memory["machine_gb"] is None or memory["total_gb"] <= memory["machine_gb"]
     warnings = slow_path_warnings(config, shape)
@@ -239,6 +242,8 @@ def format_plan(plan: dict, other: Optional[dict] = None, names: tuple[str, str]
             ("memory: base weights", f"{m['base_weights_gb']:.2f} GB"),
             ("memory: LoRA + grads + AdamW", f"{(m['lora_weights_gb'] + m['gradients_gb'] + m['adamw_state_gb']):.3f} GB"),
             ("memory: activations", f"{m['activations_gb']:.2f} GB at {m['sequence_length']} tokens "
+                                    + ("x 2 micro-batches at once, if pairing them measures faster "
+                                       if m["micro_batches_at_once"] == 2 else "")
                                     + ("(the longest example) " if s["examples_counted"] == "tokenized" else
                                        "(training.max_seq_length: the longest example is measured once the "
                                        "tokenizer is local) ")

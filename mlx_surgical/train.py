@@ -12,8 +12,9 @@ by the total token count. So batch 1 x 4 steps gives the same update as batch 4.
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from functools import partial
+from functools import cache, partial
 from typing import Callable, Optional, Protocol
 
 import mlx.core as mx
@@ -21,6 +22,7 @@ import mlx.nn as nn
 import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map
 
+from .backend import blas_threads
 from .batches import Batch
 from .checkpoint import TrainState
 from .config import TrainingConfig
@@ -98,6 +100,7 @@ class LoopSettings:
     patience: int = 0
     seed: int = 0
     world: Optional[object] = None  # an mx.distributed group of data-parallel ranks, or None
+    paired: bool = False  # two micro-batches at once on two CPU streams (tuning.py measures it)
 
 
 def dropout_seed(seed: int, position: int, rank: int = 0) -> int:
@@ -120,13 +123,32 @@ def _emit(callbacks, hook: str, *args):
             fn(*args)
 
 
-def evaluate(model, loss_fn, batches) -> Optional[float]:
+@cache
+def _second_cpu_stream():
+    return mx.new_stream(mx.cpu)
+
+
+@contextmanager
+def micro_batch_streams(paired: bool):
+    """The streams micro-batches take in turn: the default one, and when paired a second CPU
+    stream too, with OpenBLAS on one thread meanwhile, so each stream's matmuls keep one core
+    and each core also does its stream's elementwise work (MLX runs those on one thread)."""
+    default = mx.default_stream(mx.default_device())
+    with blas_threads(1 if paired else None):
+        yield [default, _second_cpu_stream()] if paired else [default]
+
+
+def evaluate(model, loss_fn, batches, paired: bool = False) -> Optional[float]:
     """Token-weighted mean loss over all batches (with dropout off)."""
     model.eval()
     total, count = mx.array(0.0), mx.array(0.0)
-    for batch in batches:
-        loss_sum, ntoks = loss_fn(model, *map(mx.array, batch.loss_inputs()))
-        total, count = total + loss_sum, count + ntoks
+    with micro_batch_streams(paired) as streams:
+        for i, batch in enumerate(batches):
+            with mx.stream(streams[i % len(streams)]):
+                loss_sum, ntoks = loss_fn(model, *map(mx.array, batch.loss_inputs()))
+                total, count = total + loss_sum, count + ntoks
+            if (i + 1) % len(streams) == 0:
+                mx.eval(total, count)
         mx.eval(total, count)
     model.train()
     return (total / count).item() if count.item() > 0 else None
@@ -178,57 +200,61 @@ def train(model, optimizer, loss_fn: Callable, batch_at: Callable[[int], Batch],
     final_val = None
     stopped_early = False
     _emit(callbacks, "on_start", {"total_updates": settings.total_updates, "update": state.update})
-    while state.update < settings.total_updates:
-        tic = time.perf_counter()
-        grads, loss_total, tok_total, tokens = None, mx.array(0.0), mx.array(0.0), 0
-        for micro in range(accum):
-            batch = batch_at(state.position + micro)
-            mx.random.seed(dropout_seed(settings.seed, state.position + micro, rank))
-            loss_sum, ntoks, g = grad_step(*map(mx.array, batch.loss_inputs()))
-            grads = g if grads is None else tree_map(mx.add, grads, g)
-            loss_total, tok_total = loss_total + loss_sum, tok_total + ntoks
-            tokens += batch.tokens
-            # Not waiting here lets Python build the next micro-batch's graph while this one
-            # computes: 206 -> 213 tokens/s on SmolLM2's shape (AMD Zen 5), same numbers.
-            mx.async_eval(grads, loss_total, tok_total)
-        loss_total, tok_total = across_ranks(loss_total, mx.cpu), across_ranks(tok_total, mx.cpu)
-        tokens = int(across_ranks(mx.array(tokens), mx.cpu).item())
-        loss = (loss_total / mx.maximum(tok_total, 1)).item()
-        if not math.isfinite(loss):
-            raise TrainingDiverged(f"training: loss became {loss} at update {state.update + 1} "
-                                   "(a learning rate too high for this data, or a broken example).")
-        finite = apply_update(grads, tok_total)
-        mx.eval(model.trainable_parameters(), optimizer.state, finite)
-        if not finite.item():  # the weights in memory are lost; the callbacks must not save them
-            raise TrainingDiverged(f"training: the weights became NaN or infinite at update {state.update + 1} "
-                                   "(a learning rate too high for this data).")
+    with micro_batch_streams(settings.paired) as streams:
+        while state.update < settings.total_updates:
+            tic = time.perf_counter()
+            grads, loss_total, tok_total, tokens = None, mx.array(0.0), mx.array(0.0), 0
+            for micro in range(accum):
+                batch = batch_at(state.position + micro)
+                mx.random.seed(dropout_seed(settings.seed, state.position + micro, rank))
+                with mx.stream(streams[micro % len(streams)]):
+                    loss_sum, ntoks, g = grad_step(*map(mx.array, batch.loss_inputs()))
+                    grads = g if grads is None else tree_map(mx.add, grads, g)
+                    loss_total, tok_total = loss_total + loss_sum, tok_total + ntoks
+                tokens += batch.tokens
+                # Not waiting here lets Python build the next graph while this one computes: 206 ->
+                # 213 tokens/s on SmolLM2's shape (AMD Zen 5). A pair is evaluated at once, as MLX
+                # interleaves two streams' work only within one evaluation.
+                if (micro + 1) % len(streams) == 0 or micro == accum - 1:
+                    mx.async_eval(grads, loss_total, tok_total)
+            loss_total, tok_total = across_ranks(loss_total, mx.cpu), across_ranks(tok_total, mx.cpu)
+            tokens = int(across_ranks(mx.array(tokens), mx.cpu).item())
+            loss = (loss_total / mx.maximum(tok_total, 1)).item()
+            if not math.isfinite(loss):
+                raise TrainingDiverged(f"training: loss became {loss} at update {state.update + 1} "
+                                       "(a learning rate too high for this data, or a broken example).")
+            finite = apply_update(grads, tok_total)
+            mx.eval(model.trainable_parameters(), optimizer.state, finite)
+            if not finite.item():  # the weights in memory are lost; the callbacks must not save them
+                raise TrainingDiverged(f"training: the weights became NaN or infinite at update {state.update + 1} "
+                                       "(a learning rate too high for this data).")
 
-        seconds = time.perf_counter() - tic
-        state.update += 1
-        state.position += accum
-        state.tokens += tokens
-        state.train_seconds += seconds
-        report = {"update": state.update, "total_updates": settings.total_updates, "loss": loss,
-                  "learning_rate": optimizer.learning_rate.item(), "tokens_per_second": tokens / seconds,
-                  "tokens": state.tokens, "seconds": seconds, "peak_memory_gb": mx.get_peak_memory() / 1e9}
-        _emit(callbacks, "on_update", report, state)
+            seconds = time.perf_counter() - tic
+            state.update += 1
+            state.position += accum
+            state.tokens += tokens
+            state.train_seconds += seconds
+            report = {"update": state.update, "total_updates": settings.total_updates, "loss": loss,
+                      "learning_rate": optimizer.learning_rate.item(), "tokens_per_second": tokens / seconds,
+                      "tokens": state.tokens, "seconds": seconds, "peak_memory_gb": mx.get_peak_memory() / 1e9}
+            _emit(callbacks, "on_update", report, state)
 
-        last = state.update == settings.total_updates
-        if eval_fn is not None and (state.update % settings.eval_every == 0 or last):
-            val_loss = eval_fn()
-            final_val = val_loss
-            improved = val_loss is not None and (state.best_val_loss is None or val_loss < state.best_val_loss)
-            if improved:
-                state.best_val_loss, state.best_update, state.evals_since_best = val_loss, state.update, 0
-            else:
-                state.evals_since_best += 1
-            _emit(callbacks, "on_eval", {"update": state.update, "val_loss": val_loss}, state, improved)
-            if settings.patience and state.evals_since_best >= settings.patience and not last:
-                stopped_early = True
-                _emit(callbacks, "on_stop", "early_stopping", state)
-                break
-        # Every rank must stop at the same update, or the others would wait in all_sum forever.
-        if not last and across_ranks(mx.array(int(should_stop())), mx.cpu).item() > 0:
-            _emit(callbacks, "on_stop", "interrupted", state)
-            raise TrainingInterrupted(f"stopped at update {state.update} of {settings.total_updates}")
+            last = state.update == settings.total_updates
+            if eval_fn is not None and (state.update % settings.eval_every == 0 or last):
+                val_loss = eval_fn()
+                final_val = val_loss
+                improved = val_loss is not None and (state.best_val_loss is None or val_loss < state.best_val_loss)
+                if improved:
+                    state.best_val_loss, state.best_update, state.evals_since_best = val_loss, state.update, 0
+                else:
+                    state.evals_since_best += 1
+                _emit(callbacks, "on_eval", {"update": state.update, "val_loss": val_loss}, state, improved)
+                if settings.patience and state.evals_since_best >= settings.patience and not last:
+                    stopped_early = True
+                    _emit(callbacks, "on_stop", "early_stopping", state)
+                    break
+            # Every rank must stop at the same update, or the others would wait in all_sum forever.
+            if not last and across_ranks(mx.array(int(should_stop())), mx.cpu).item() > 0:
+                _emit(callbacks, "on_stop", "interrupted", state)
+                raise TrainingInterrupted(f"stopped at update {state.update} of {settings.total_updates}")
     return LoopResult(state, stopped_early, final_val)

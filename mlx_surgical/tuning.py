@@ -4,32 +4,35 @@ On MLX's CPU backend two paths are choices rather than wins: the CPU fast math o
 (an exp from multiply-adds, attention and SwiGLU with their own VJPs) was 1.3x faster than
 MLX's own ops on an AMD Zen 5, 1.1x on an Intel Sapphire Rapids (4.7x slower there while its exp
 produced subnormals) and equal on a Zen 3;
-and a quantized base's matmuls can run as MLX's quantized_matmul or as dequantize + float
-matmul. So the first run of a model shape on a machine times a few real training steps of
+a quantized base's matmuls can run as MLX's quantized_matmul or as dequantize + float
+matmul; and an update's micro-batches can run two at once on two CPU streams, each with a
+one-thread BLAS, instead of one at a time on a multi-threaded BLAS (train.py). So the first run of a model shape on a machine times a few real training steps of
 each candidate on the run's own batches, keeps the fastest, and caches the choice (with the
 measured rates, which `mlx-surgical doctor` shows) per CPU, BLAS, MLX version and model shape. On
 Metal and CUDA the model's own forward with MLX's fused kernels always runs.
 """
 
 import hashlib
+import os
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 import mlx.core as mx
 
-from .backend import (blas_warning, cache_dir, cpu_description, describe, machine_memory_gb, measure_sgemm_gflops,
-                      on_cpu_backend)
+from .backend import (blas_thread_count, blas_warning, cache_dir, cpu_description, describe, machine_memory_gb,
+                      measure_sgemm_gflops, on_cpu_backend)
 from .files import read_json_or_empty, write_json_atomic
 from .forward import quantized_layers, set_dequantized_matmuls
 from .shape import ModelShape
-from .train import compiled_grad_step
+from .train import compiled_grad_step, micro_batch_streams
 
 CHOICES_FILE = "cpu_paths.json"
 # Raised whenever a candidate path's code changes speed, so choices measured with the old code
-# are measured again (2: forward.fast_exp returns 0 instead of subnormals; 3: RoPE as one fused pass).
-PATHS_REVISION = "3"
+# are measured again (2: forward.fast_exp returns 0 instead of subnormals; 3: RoPE as one fused pass;
+# 4: paired micro-batches).
+PATHS_REVISION = "4"
 TIMED_ROUNDS = 5
 # A candidate whose median step is this many times slower than the best is not timed further:
 # MLX's quantized_matmul on the CPU can take many seconds per step on a large model.
@@ -40,10 +43,12 @@ GIVE_UP_FACTOR = 3.0
 class ComputePath:
     fast_math: bool  # forward.py's CPU fast math, else MLX's own ops
     dequantize: bool  # frozen quantized layers: dequantize + float matmul, else quantized_matmul
+    paired: bool = False  # two micro-batches at once on two CPU streams, one BLAS thread each
 
     def describe(self) -> str:
-        math = "fast math" if self.fast_math else "MLX ops"
-        return f"{math}, dequantized matmuls" if self.dequantize else math
+        parts = ["fast math" if self.fast_math else "MLX ops"]
+        parts += ["dequantized matmuls"] * self.dequantize + ["paired micro-batches"] * self.paired
+        return ", ".join(parts)
 
 
 @dataclass
@@ -93,8 +98,10 @@ def doctor_lines() -> list[str]:
     return lines
 
 
-def choice_key(shape: ModelShape, dtype: str, grad_checkpoint: bool) -> str:
-    parts = [*this_machine().values(), shape.fingerprint(), str(shape.quant_bits), dtype, str(grad_checkpoint)]
+def choice_key(shape: ModelShape, dtype: str, grad_checkpoint: bool, pairings: tuple[bool, ...]) -> str:
+    """Runs that can pair micro-batches and runs that cannot (one per update) measure apart."""
+    parts = [*this_machine().values(), shape.fingerprint(), str(shape.quant_bits), dtype, str(grad_checkpoint),
+             str(pairings)]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
@@ -120,11 +127,30 @@ def candidates(model, fast_math: str, dequantize: str) -> list[ComputePath]:
     return [ComputePath(m, d) for d in dequant_options for m in math_options]
 
 
+def pairing_options(paired: str, accumulation_steps: int, ranks: int) -> tuple[bool, ...]:
+    """Whether micro-batches may run in pairs: it takes two of them per update, one process (ranks
+    already share the cores), two cores, and an OpenBLAS whose thread count can be set."""
+    possible = (accumulation_steps >= 2 and ranks == 1 and (os.cpu_count() or 1) >= 2
+                and blas_thread_count() is not None)
+    return {"auto": (False, True), "on": (True,), "off": (False,)}[paired] if possible else (False,)
+
+
+def _micro_batches(step, path: ComputePath, inputs: list, first: int):
+    """Run one micro-batch, or a pair on two streams, as the trainer does; returns how many ran."""
+    with micro_batch_streams(path.paired) as streams:
+        outputs = []
+        for offset, stream in enumerate(streams):
+            with mx.stream(stream):
+                outputs.append(step(*inputs[(first + offset) % len(inputs)]))
+        mx.eval(outputs)
+    return len(streams)
+
+
 def seconds_per_step(model, loss_for: Callable[[ComputePath], Callable], options: list[ComputePath],
                      batches: list) -> dict[ComputePath, float]:
-    """Median seconds of a compiled forward + backward micro-step for each candidate. Every
-    candidate is traced and warmed on every batch shape first (which pays for compiling), then
-    the candidates are timed in turn, round after round, so a change in the machine's load
+    """Median seconds per micro-batch of a compiled forward + backward step for each candidate.
+    Every candidate is traced and warmed on every batch shape first (which pays for compiling),
+    then the candidates are timed in turn, round after round, so a change in the machine's load
     (other programs, a shared host) falls on all of them alike."""
     inputs = [list(map(mx.array, b.loss_inputs())) for b in batches]
     steps = {}
@@ -132,36 +158,52 @@ def seconds_per_step(model, loss_for: Callable[[ComputePath], Callable], options
         # The layers' matmul path is read when the step is traced, so each trace keeps its own.
         set_dequantized_matmuls(model, path.dequantize)
         steps[path] = compiled_grad_step(model, loss_for(path), [model.state, mx.random.state])
-        for batch in inputs:
-            mx.eval(steps[path](*batch))
+        for first in range(len(inputs)):
+            _micro_batches(steps[path], path, inputs, first)
     times: dict[ComputePath, list[float]] = {path: [] for path in options}
     for i in range(TIMED_ROUNDS):
         for path, step in steps.items():
             tic = time.perf_counter()
-            mx.eval(step(*inputs[i % len(inputs)]))
-            times[path].append(time.perf_counter() - tic)
+            count = _micro_batches(step, path, inputs, i)
+            times[path].append((time.perf_counter() - tic) / count)
         best = min(statistics.median(t) for t in times.values())
         steps = {p: s for p, s in steps.items() if statistics.median(times[p]) <= GIVE_UP_FACTOR * best}
     return {path: statistics.median(t) for path, t in times.items()}
 
 
+def measure(model, loss_for: Callable[[ComputePath], Callable], options: list[ComputePath],
+            pairings: tuple[bool, ...], batches: list) -> tuple[ComputePath, dict[ComputePath, float]]:
+    """The fastest allowed path and the timings: the compute paths first, then the fastest of
+    them paired against unpaired (pairing helps or hurts each path alike, so the pairs of the
+    others are not worth their compile time)."""
+    timings = seconds_per_step(model, loss_for, options, batches) if len(options) > 1 else {}
+    best = min(timings, key=timings.get) if timings else options[0]
+    if len(pairings) > 1:
+        timings.update(seconds_per_step(model, loss_for, [best, replace(best, paired=True)], batches))
+        best = min(timings, key=timings.get)
+    elif pairings == (True,):
+        best = replace(best, paired=True)
+    return best, timings
+
+
 def choose_path(model, shape: ModelShape, dtype: str, grad_checkpoint: bool, fast_math: str, dequantize: str,
                 loss_for: Callable[[ComputePath], Callable], batches: list,
-                log: Callable[[str], None] = print) -> PathChoice:
-    """The compute path for this run, applied to the model (quantized layers switched)."""
+                log: Callable[[str], None] = print, pairings: tuple[bool, ...] = (False,)) -> PathChoice:
+    """The compute path for this run, applied to the model (quantized layers switched).
+    pairings: whether micro-batches may run in pairs (`pairing_options`)."""
     if not on_cpu_backend():
         return PathChoice(ComputePath(False, False), "not a CPU", {})
     options = candidates(model, fast_math, dequantize)
-    key = choice_key(shape, dtype, grad_checkpoint)
+    allowed = [replace(path, paired=paired) for path in options for paired in pairings]
+    key = choice_key(shape, dtype, grad_checkpoint, pairings)
     cached = cached_choices().get(key)
-    if len(options) == 1:
-        choice = PathChoice(options[0], "set in the config", {})
-    elif cached and ComputePath(**cached["path"]) in options:
+    if len(allowed) == 1:
+        choice = PathChoice(allowed[0], "set in the config", {})
+    elif cached and ComputePath(**cached["path"]) in allowed:
         choice = PathChoice(ComputePath(**cached["path"]), "cached", cached["seconds_per_step"])
     else:
-        log(f"measuring {len(options)} compute paths on this CPU ({cpu_description()}); once per model shape")
-        timings = seconds_per_step(model, loss_for, options, batches)
-        fastest = min(timings, key=timings.get)
+        log(f"measuring {len(allowed)} compute paths on this CPU ({cpu_description()}); once per model shape")
+        fastest, timings = measure(model, loss_for, options, pairings, batches)
         choice = PathChoice(fastest, "measured", {p.describe(): s for p, s in timings.items()})
         choices = cached_choices()
         choices[key] = {**this_machine(), "model": shape.describe(), "dtype": dtype,

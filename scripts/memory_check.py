@@ -62,12 +62,13 @@ def measure(size: str, seq_len: int, updates: int = 2, accum: int = 2) -> dict:
     mx.clear_cache()
     mx.reset_peak_memory()
     start = time.perf_counter()
-    # The estimate assumes the CPU fast math where it may be chosen (it keeps more): measure that path.
-    train(model, optimizer, training_loss(model, fast_math=on_cpu_backend()), lambda p: batches[p], LoopSettings(updates, accum, 10 ** 9),
-          TrainState())
+    estimate = memory_estimate(shape, lora_parameter_count(shape, lora), training, dtype_bytes=4)
+    # The estimate assumes the CPU fast math and paired micro-batches where they may be chosen (they
+    # keep more): measure those paths.
+    train(model, optimizer, training_loss(model, fast_math=on_cpu_backend()), lambda p: batches[p],
+          LoopSettings(updates, accum, 10 ** 9, paired=estimate["micro_batches_at_once"] == 2), TrainState())
     seconds = time.perf_counter() - start
     measured = mx.get_peak_memory() / 1e9
-    estimate = memory_estimate(shape, lora_parameter_count(shape, lora), training, dtype_bytes=4)
     parameters = sum(v.size for _, v in tree_flatten(model.parameters()))
     return {"size": size, "parameters": parameters, "measured_gb": measured, "estimated_gb": estimate["total_gb"],
             "ratio": estimate["total_gb"] / measured, "seconds": seconds}

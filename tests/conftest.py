@@ -21,7 +21,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 
-from mlx_surgical.backend import ensure_vector_kernels, fast_blas_environment, reexec  # noqa: E402
+from mlx_surgical.backend import (ensure_vector_kernels, fast_blas_environment, interleave_cpu_streams,  # noqa: E402
+                                  reexec)
 
 from mlx_surgical.config import config_from_dict  # noqa: E402
 from mlx_surgical.data import sample_path  # noqa: E402
@@ -39,6 +40,7 @@ def pytest_configure(config):
             capture.stop_global_capturing()
         reexec(env)
     ensure_vector_kernels()
+    interleave_cpu_streams()
 
 
 @pytest.fixture(scope="session")

@@ -103,7 +103,10 @@ def test_plan_shows_the_per_rank_share_of_the_global_batch():
     one, two = (plan_run(config_from_dict(raw), ranks=n) for n in (1, 2))
     assert two["batch"] == {"global": 4, "ranks": 2, "per_rank": 2, "accumulation_steps": 4, "examples_per_update": 16}
     assert two["schedule"]["updates"] == one["schedule"]["updates"]
-    assert two["memory"]["activations_gb"] == pytest.approx(one["memory"]["activations_gb"] / 2, rel=0.05)
+    # Each rank holds half the batch, and ranks never pair their micro-batches (one process would).
+    assert two["memory"]["micro_batches_at_once"] == 1
+    assert two["memory"]["activations_gb"] == pytest.approx(
+        one["memory"]["activations_gb"] / 2 / one["memory"]["micro_batches_at_once"], rel=0.05)
     with pytest.raises(UserError, match="does not split evenly over 3 ranks"):
         plan_run(config_from_dict(raw), ranks=3)
 

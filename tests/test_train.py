@@ -15,6 +15,7 @@ import pytest
 from mlx.utils import tree_flatten
 
 from mlx_surgical.adapter import AdapterConfig, PromptRecord
+from mlx_surgical.backend import blas_thread_count
 from mlx_surgical.batches import collate
 from mlx_surgical.callbacks import Checkpointer
 from mlx_surgical.checkpoint import TrainState, latest_checkpoint
@@ -27,7 +28,7 @@ from mlx_surgical.pipeline import resume_run, train_run
 from mlx_surgical.plan import lora_parameter_count
 from mlx_surgical.prompt import Sample
 from mlx_surgical.surgery import HashDropout, attach_lora
-from mlx_surgical.train import (LoopSettings, learning_rate_schedule, make_optimizer, schedule_for,
+from mlx_surgical.train import (LoopSettings, evaluate, learning_rate_schedule, make_optimizer, schedule_for,
                                 train)
 
 
@@ -41,12 +42,14 @@ def fresh_lora_model(tiny_model, dropout=0.0):
     return loaded
 
 
-def run_updates(tiny_model, batches, accum, updates):
-    loaded = fresh_lora_model(tiny_model)
+def run_updates(tiny_model, batches, accum, updates, paired=False, dropout=0.0, eval_fn=None):
+    loaded = fresh_lora_model(tiny_model, dropout)
     optimizer = make_optimizer(1e-2, 0.01)
     optimizer.init(loaded.model.trainable_parameters())
-    train(loaded.model, optimizer, training_loss(loaded.model), lambda position: batches[position],
-          LoopSettings(updates, accum, eval_every=10 ** 9), TrainState())
+    loss_fn = training_loss(loaded.model)
+    train(loaded.model, optimizer, loss_fn, lambda position: batches[position],
+          LoopSettings(updates, accum, eval_every=1, paired=paired), TrainState(),
+          eval_fn and (lambda: eval_fn(loaded.model, loss_fn)))
     return lora_weights(loaded.model)
 
 
@@ -62,6 +65,34 @@ def test_accumulation_is_exactly_a_larger_batch(tiny_model):
         np.testing.assert_allclose(accumulated[name], batched[name], atol=2e-6, rtol=1e-5)
     untouched = fresh_lora_model(tiny_model)
     assert any(np.abs(batched[k] - v).max() > 1e-4 for k, v in lora_weights(untouched.model).items())
+
+
+def test_paired_micro_batches_train_the_same_adapter(tiny_model):
+    """Two micro-batches at once on two CPU streams (one BLAS thread each): the same masks, sums
+    and update as one at a time, and the BLAS gets its threads back afterwards."""
+    rng = np.random.default_rng(1)
+    batches = [collate([Sample(rng.integers(3, 500, size=40 + i).astype(np.int32), loss_start=10, origin=str(i))],
+                       512) for i in range(9)]
+    valid = batches[:3]  # an odd count: the last batch of the validation loss has no partner
+    threads_before = blas_thread_count()
+    losses, threads = {}, {}
+
+    def validation(paired):
+        def run(model, loss_fn):
+            threads[paired] = blas_thread_count()
+            losses.setdefault(paired, []).append(evaluate(model, loss_fn, valid, paired))
+            return losses[paired][-1]
+        return run
+
+    one_at_a_time = run_updates(tiny_model, batches, accum=3, updates=3, dropout=0.1, eval_fn=validation(False))
+    paired = run_updates(tiny_model, batches, accum=3, updates=3, paired=True, dropout=0.1, eval_fn=validation(True))
+    for name in one_at_a_time:
+        np.testing.assert_allclose(paired[name], one_at_a_time[name], atol=2e-6, rtol=1e-5)
+    np.testing.assert_allclose(losses[True], losses[False], rtol=1e-6)
+    assert len(losses[True]) == 3 and threads[False] == threads_before
+    assert blas_thread_count() == threads_before
+    if threads_before is not None:  # OpenBLAS loaded: one thread per stream while paired
+        assert threads[True] == 1
 
 
 def test_warmup_then_cosine_counted_in_updates():

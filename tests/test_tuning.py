@@ -1,11 +1,12 @@
 """The compute path is measured once per machine and model shape, cached, and can be forced."""
 
 import json
+import os
 
 import mlx.nn as nn
 import pytest
 
-from mlx_surgical.backend import CACHE_ENV, cpu_description
+from mlx_surgical.backend import CACHE_ENV, blas_thread_count, cpu_description
 from mlx_surgical.batches import BatchStream
 from mlx_surgical.config import LoraConfig
 from mlx_surgical.data import read_records, sample_path
@@ -15,7 +16,7 @@ from mlx_surgical.model import load_model
 from mlx_surgical.prompt import PromptFormat, encode_records
 from mlx_surgical.rundir import RunInfo
 from mlx_surgical.surgery import attach_lora
-from mlx_surgical.tuning import CHOICES_FILE, choices_in_force, choose_path
+from mlx_surgical.tuning import CHOICES_FILE, choices_in_force, choose_path, pairing_options
 
 
 @pytest.fixture
@@ -35,9 +36,10 @@ def prepared(tiny_model, quantize=False):
     return loaded, [stream.batch(i) for i in range(2)]
 
 
-def choose(loaded, batches, cpu_math="auto", quantized="auto"):
+def choose(loaded, batches, cpu_math="auto", quantized="auto", pairings=(False,)):
     return choose_path(loaded.model, loaded.shape, "float32", False, cpu_math, quantized,
-                       lambda path: training_loss(loaded.model, False, path.fast_math), batches, log=lambda _: None)
+                       lambda path: training_loss(loaded.model, False, path.fast_math), batches, log=lambda _: None,
+                       pairings=pairings)
 
 
 def test_auto_measures_once_then_uses_the_cached_choice(tiny_model, cache):
@@ -63,6 +65,22 @@ def test_a_forced_setting_is_not_measured(tiny_model, cache):
     forced = choose(loaded, batches, cpu_math="fast")
     assert forced.path.fast_math is True and forced.how == "set in the config"
     assert not cache.exists()
+
+
+def test_pairing_is_measured_on_the_fastest_path_and_can_be_forced(tiny_model, cache):
+    can_pair = (os.cpu_count() or 1) >= 2 and blas_thread_count() is not None
+    assert pairing_options("auto", 4, 1) == ((False, True) if can_pair else (False,))
+    assert pairing_options("auto", 1, 1) == pairing_options("on", 4, 2) == pairing_options("off", 4, 1) == (False,)
+    loaded, batches = prepared(tiny_model)
+    choice = choose(loaded, batches, pairings=(False, True))
+    unpaired = min(("MLX ops", "fast math"), key=choice.seconds_per_step.get)
+    assert set(choice.seconds_per_step) == {"MLX ops", "fast math", f"{unpaired}, paired micro-batches"}
+    assert choice.seconds_per_step[choice.path.describe()] == min(choice.seconds_per_step.values())
+    assert choose(loaded, batches, pairings=(False, True)).how == "cached"
+    # Runs that cannot pair keep their own measured choice.
+    assert choose(loaded, batches).how == "measured" and len(json.loads(cache.read_text())) == 2
+    forced = choose(loaded, batches, cpu_math="plain", pairings=(True,))
+    assert (forced.how, forced.path.describe()) == ("set in the config", "MLX ops, paired micro-batches")
 
 
 def test_a_quantized_base_also_chooses_its_matmul(tiny_model, cache):
