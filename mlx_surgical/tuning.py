@@ -26,14 +26,17 @@ from .backend import (blas_thread_count, blas_warning, cache_dir, cpu_descriptio
 from .files import read_json_or_empty, write_json_atomic
 from .forward import quantized_layers, set_dequantized_matmuls
 from .shape import ModelShape
-from .train import compiled_grad_step, micro_batch_streams
+from .train import accumulate, compiled_grad_step, micro_batch_streams
 
 CHOICES_FILE = "cpu_paths.json"
 # Raised whenever a candidate path's code changes speed, so choices measured with the old code
 # are measured again (2: forward.fast_exp returns 0 instead of subnormals; 3: RoPE as one fused pass;
 # 4: paired micro-batches).
 PATHS_REVISION = "4"
-TIMED_ROUNDS = 5
+# Each round times one update of the default accumulation: timing one micro-batch (or one pair)
+# at a time missed the overlap between pairs, and measured pairing level where it trained 1.3x faster.
+TIMED_ROUNDS = 3
+MICRO_BATCHES_TIMED = 4
 # A candidate whose median step is this many times slower than the best is not timed further:
 # MLX's quantized_matmul on the CPU can take many seconds per step on a large model.
 GIVE_UP_FACTOR = 3.0
@@ -135,37 +138,33 @@ def pairing_options(paired: str, accumulation_steps: int, ranks: int) -> tuple[b
     return {"auto": (False, True), "on": (True,), "off": (False,)}[paired] if possible else (False,)
 
 
-def _micro_batches(step, path: ComputePath, inputs: list, first: int):
-    """Run one micro-batch, or a pair on two streams, as the trainer does; returns how many ran."""
-    with micro_batch_streams(path.paired) as streams:
-        outputs = []
-        for offset, stream in enumerate(streams):
-            with mx.stream(stream):
-                outputs.append(step(*inputs[(first + offset) % len(inputs)]))
-        mx.eval(outputs)
-    return len(streams)
-
-
 def seconds_per_step(model, loss_for: Callable[[ComputePath], Callable], options: list[ComputePath],
                      batches: list) -> dict[ComputePath, float]:
-    """Median seconds per micro-batch of a compiled forward + backward step for each candidate.
-    Every candidate is traced and warmed on every batch shape first (which pays for compiling),
-    then the candidates are timed in turn, round after round, so a change in the machine's load
-    (other programs, a shared host) falls on all of them alike."""
-    inputs = [list(map(mx.array, b.loss_inputs())) for b in batches]
+    """Median seconds per micro-batch of compiled forward + backward steps for each candidate, run
+    as the trainer runs an update's micro-batches (`train.accumulate`), so paired candidates also
+    get the overlap where one pair ends and the next begins. Every candidate is traced and warmed
+    on every batch shape first (which pays for compiling), then the candidates are timed in turn,
+    round after round, so a change in the machine's load (other programs, a shared host) falls on
+    all of them alike."""
     steps = {}
+
+    def run(path, first, count):
+        with micro_batch_streams(path.paired) as streams:
+            chosen = [batches[(first + i) % len(batches)] for i in range(count)]
+            mx.eval(accumulate(steps[path], streams, chosen, list(range(count))))
+
     for path in options:
         # The layers' matmul path is read when the step is traced, so each trace keeps its own.
         set_dequantized_matmuls(model, path.dequantize)
         steps[path] = compiled_grad_step(model, loss_for(path), [model.state, mx.random.state])
-        for first in range(len(inputs)):
-            _micro_batches(steps[path], path, inputs, first)
+        for first in range(len(batches)):
+            run(path, first, 2 if path.paired else 1)
     times: dict[ComputePath, list[float]] = {path: [] for path in options}
     for i in range(TIMED_ROUNDS):
-        for path, step in steps.items():
+        for path in list(steps):
             tic = time.perf_counter()
-            count = _micro_batches(step, path, inputs, i)
-            times[path].append((time.perf_counter() - tic) / count)
+            run(path, i, MICRO_BATCHES_TIMED)
+            times[path].append((time.perf_counter() - tic) / MICRO_BATCHES_TIMED)
         best = min(statistics.median(t) for t in times.values())
         steps = {p: s for p, s in steps.items() if statistics.median(times[p]) <= GIVE_UP_FACTOR * best}
     return {path: statistics.median(t) for path, t in times.items()}
