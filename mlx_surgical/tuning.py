@@ -33,10 +33,10 @@ CHOICES_FILE = "cpu_paths.json"
 # are measured again (2: forward.fast_exp returns 0 instead of subnormals; 3: RoPE as one fused pass;
 # 4: paired micro-batches).
 PATHS_REVISION = "4"
-# Each round times one update of the default accumulation: timing one micro-batch (or one pair)
-# at a time missed the overlap between pairs, and measured pairing level where it trained 1.3x faster.
+# Each round times two micro-batches per stream: timing one micro-batch (or one pair) at a time
+# missed the overlap between pairs, and measured pairing level where it trained 1.3x faster.
 TIMED_ROUNDS = 3
-MICRO_BATCHES_TIMED = 4
+MICRO_BATCHES_PER_STREAM = 2
 # A candidate whose median step is this many times slower than the best is not timed further:
 # MLX's quantized_matmul on the CPU can take many seconds per step on a large model.
 GIVE_UP_FACTOR = 3.0
@@ -148,23 +148,26 @@ def seconds_per_step(model, loss_for: Callable[[ComputePath], Callable], options
     all of them alike."""
     steps = {}
 
-    def run(path, first, count):
+    def run(path, first, per_stream):
+        """Runs micro-batches as an update does; returns how many."""
         with micro_batch_streams(path.paired) as streams:
+            count = per_stream * len(streams)
             chosen = [batches[(first + i) % len(batches)] for i in range(count)]
             mx.eval(accumulate(steps[path], streams, chosen, list(range(count))))
+        return count
 
     for path in options:
         # The layers' matmul path is read when the step is traced, so each trace keeps its own.
         set_dequantized_matmuls(model, path.dequantize)
         steps[path] = compiled_grad_step(model, loss_for(path), [model.state, mx.random.state])
         for first in range(len(batches)):
-            run(path, first, 2 if path.paired else 1)
+            run(path, first, 1)
     times: dict[ComputePath, list[float]] = {path: [] for path in options}
     for i in range(TIMED_ROUNDS):
         for path in list(steps):
             tic = time.perf_counter()
-            run(path, i, MICRO_BATCHES_TIMED)
-            times[path].append((time.perf_counter() - tic) / MICRO_BATCHES_TIMED)
+            count = run(path, i, MICRO_BATCHES_PER_STREAM)
+            times[path].append((time.perf_counter() - tic) / count)
         best = min(statistics.median(t) for t in times.values())
         steps = {p: s for p, s in steps.items() if statistics.median(times[p]) <= GIVE_UP_FACTOR * best}
     return {path: statistics.median(t) for path, t in times.items()}

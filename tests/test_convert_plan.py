@@ -105,6 +105,7 @@ def test_plan_shows_the_per_rank_share_of_the_global_batch():
     assert two["schedule"]["updates"] == one["schedule"]["updates"]
     # Each rank holds half the batch, and ranks never pair their micro-batches (one process would).
     assert two["memory"]["micro_batches_at_once"] == 1
+    assert one["memory"]["micro_batches_at_once"] == (2 if on_cpu_backend() else 1)
     assert two["memory"]["activations_gb"] == pytest.approx(
         one["memory"]["activations_gb"] / 2 / one["memory"]["micro_batches_at_once"], rel=0.05)
     with pytest.raises(UserError, match="does not split evenly over 3 ranks"):
