@@ -6,7 +6,8 @@ MLX's own ops on an AMD Zen 5, 1.1x on an Intel Sapphire Rapids (4.7x slower the
 produced subnormals) and equal on a Zen 3;
 a quantized base's matmuls can run as MLX's quantized_matmul or as dequantize + float
 matmul; and an update's micro-batches can run two at once on two CPU streams, each with a
-one-thread BLAS, instead of one at a time on a multi-threaded BLAS (train.py). So the first run of a model shape on a machine times a few real training steps of
+one-thread BLAS, instead of one at a time on a multi-threaded BLAS (train.py). So the first run
+of a model shape on a machine times a few real training steps of
 each candidate on the run's own batches, keeps the fastest, and caches the choice (with the
 measured rates, which `mlx-surgical doctor` shows) per CPU, BLAS, MLX version and model shape. On
 Metal and CUDA the model's own forward with MLX's fused kernels always runs.
