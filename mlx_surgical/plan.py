@@ -27,6 +27,7 @@ from .prompt import PromptFormat
 from .rundir import RunDir
 from .shape import ModelShape
 from .train import schedule_for
+from .tuning import pairing_options
 
 # Hugging Face config.json values of the CodeLlama family, for planning before a download.
 KNOWN_SHAPES = {
@@ -108,8 +109,8 @@ def memory_estimate(shape: ModelShape, lora_params: int, training: TrainingConfi
     if cpu_math is None:
         cpu_math = on_cpu_backend()  # the fast math keeps more: plan for it
     # Where micro-batches may run in pairs (train.py, MLX's CPU backend), two hold activations at once.
-    at_once = 2 if (cpu_math and ranks == 1 and training.grad_accumulation_steps >= 2
-                    and training.cpu_paired_micro_batches != "off") else 1
+    pairings = pairing_options(training.cpu_paired_micro_batches, training.grad_accumulation_steps, ranks)
+    at_once = 2 if cpu_math and True in pairings else 1
     seq_len = seq_len or training.max_seq_length
     tokens = training.batch_size * seq_len
     base = weight_bytes(shape, dtype_bytes)
