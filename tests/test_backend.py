@@ -11,7 +11,8 @@ import sys
 import numpy as np
 import pytest
 
-from mlx_surgical.backend import (CACHE_ENV, REEXECED, VECTOR_CPU_FLAGS, VECTOR_OPT_OUT, cpu_flags, find_openblas,
+from mlx_surgical.backend import (CACHE_ENV, KERNEL_PREAMBLE, MLX_KERNEL_FLAGS, REEXECED, VECTOR_CPU_FLAGS,
+                                  VECTOR_FLAGS, VECTOR_OPT_OUT, cpu_flags, find_openblas, mlx_include_dir,
                                   vector_compiler_dir)
 
 linux_with_openblas = pytest.mark.skipif(platform.system() != "Linux" or find_openblas() is None,
@@ -127,3 +128,27 @@ def test_mlx_compiles_its_kernels_for_the_vector_units_with_the_same_results(tmp
     assert kernels["wheel"] == "fused kernels compiled as the wheel does (no AVX2)"
     assert np.array_equal(outputs["vector"], outputs["wheel"])
     assert (tmp_path / "cache" / "mlx-jit" / "g++").stat().st_mode & 0o111
+
+
+@x86_with_vector_units
+def test_kernels_compile_from_the_precompiled_preamble_to_the_same_code(tmp_path):
+    mlx_tmp, cache = tmp_path / "mlx", tmp_path / "cache"
+    mlx_tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(mlx_tmp), CACHE_ENV: str(cache), VECTOR_OPT_OUT: "1",
+           "PATH": os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if p != str(vector_compiler_dir()))}
+    result = subprocess.run([sys.executable, "-c", FUSED_EXP, str(tmp_path / "out.npy")], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    [precompiled] = cache.glob(f"mlx-jit/preamble-*/{KERNEL_PREAMBLE}.gch")
+    source = sorted(mlx_tmp.rglob("*.cpp"))[0]
+    command = [*MLX_KERNEL_FLAGS, "-shared", "-I", str(mlx_include_dir()), str(source)]
+    # -H lists each header read; "! " marks a precompiled one that g++ found valid and used.
+    wrapped = subprocess.run([str(cache / "mlx-jit" / "g++"), "-H", *command, "-o", str(tmp_path / "a.so")],
+                             capture_output=True, text=True, timeout=120)
+    assert f"! {precompiled}" in wrapped.stderr.splitlines()
+    plain = subprocess.run(["g++", *VECTOR_FLAGS, *command, "-o", str(tmp_path / "b.so")], capture_output=True,
+                           text=True, timeout=120)
+    assert plain.returncode == 0, plain.stderr
+    code = [subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(tmp_path / lib)], capture_output=True,
+                           text=True).stdout.split("\n", 3)[3] for lib in ("a.so", "b.so")]
+    assert code[0] == code[1]
