@@ -3,6 +3,7 @@
 import json
 import os
 
+import mlx.core as mx
 import mlx.nn as nn
 import pytest
 
@@ -16,7 +17,10 @@ from mlx_surgical.model import load_model
 from mlx_surgical.prompt import PromptFormat, encode_records
 from mlx_surgical.rundir import RunInfo
 from mlx_surgical.surgery import attach_lora
-from mlx_surgical.tuning import CHOICES_FILE, choices_in_force, choose_path, pairing_options
+from mlx_surgical.train import accumulate
+from mlx_surgical import tuning
+from mlx_surgical.tuning import (CHOICES_FILE, GIVE_UP_FACTOR, TIMED_ROUNDS, ComputePath, choices_in_force,
+                                 choose_path, pairing_options, seconds_per_step)
 
 
 @pytest.fixture
@@ -81,6 +85,30 @@ def test_pairing_is_measured_on_the_fastest_path_and_can_be_forced(tiny_model, c
     assert choose(loaded, batches).how == "measured" and len(json.loads(cache.read_text())) == 2
     forced = choose(loaded, batches, cpu_math="plain", pairings=(True,))
     assert (forced.how, forced.path.describe()) == ("set in the config", "MLX ops, paired micro-batches")
+
+
+def test_a_far_slower_candidate_is_given_up_after_its_warm_up(tiny_model, cache, monkeypatch):
+    loaded, batches = prepared(tiny_model)
+
+    def loss_for(path):
+        loss = training_loss(loaded.model, False, path.fast_math)
+        if not path.fast_math:
+            return loss
+
+        def slowed(model, *inputs):  # the same loss after ~20 GFLOP of work it does not use
+            loss_sum, ntoks = loss(model, *inputs)
+            square = wasted = mx.full((1024, 1024), 1e-3)
+            for _ in range(10):
+                wasted = wasted @ square
+            return loss_sum + 0 * wasted.sum(), ntoks
+        return slowed
+
+    runs = []
+    monkeypatch.setattr(tuning, "accumulate", lambda step, *args: runs.append(step) or accumulate(step, *args))
+    timings = seconds_per_step(loaded.model, loss_for, [ComputePath(False, False), ComputePath(True, False)], batches)
+    plain, slow = dict.fromkeys(runs)
+    assert runs.count(plain) == len(batches) + TIMED_ROUNDS and runs.count(slow) == len(batches)
+    assert timings[ComputePath(True, False)] > GIVE_UP_FACTOR * timings[ComputePath(False, False)]
 
 
 def test_a_quantized_base_also_chooses_its_matmul(tiny_model, cache):
