@@ -77,8 +77,8 @@ VECTOR_OPT_OUT = "MLX_SURGICAL_VECTOR_KERNELS"
 VECTOR_FLAGS = ("-mavx2", "-mfma", "-mf16c", "-ffp-contract=off")
 VECTOR_CPU_FLAGS = {"avx2", "fma", "f16c"}
 # Every fused kernel's source starts by including this header, which g++ parsed afresh each time:
-# 0.70-0.80 s a kernel, 0.17-0.22 s from a precompiled copy (the same machine code), and a first
-# run compiles 50-90 kernels. g++ uses a precompiled header only if it was built with the same
+# 0.70-0.81 s a kernel, 0.17-0.22 s from a precompiled copy (the same machine code; AMD Zen 4),
+# and a first run compiles 50-90 kernels. g++ uses a precompiled header only if it was built with the same
 # code-generating options, those of MLX's own command (cpu/jit_compiler.cpp), and else parses the
 # header as before.
 KERNEL_PREAMBLE = "mlx/backend/cpu/compiled_preamble.h"
@@ -248,11 +248,15 @@ def compiler_wrapper(compiler: str) -> str:
     Where one cannot be built, kernels compile as before."""
     flags = " ".join(VECTOR_FLAGS)
     include = mlx_include_dir()
+    try:
+        mlx_version = version("mlx")
+    except PackageNotFoundError:
+        include = None
     if include is None:
         return f'#!/bin/sh\nexec {shlex.quote(compiler)} {flags} "$@"\n'
     real = Path(compiler).resolve()
     # A precompiled header holds for one compiler build and one MLX's headers.
-    key = hashlib.sha256(f"{real}|{real.stat().st_mtime}|{version('mlx')}".encode()).hexdigest()[:12]
+    key = hashlib.sha256(f"{real}|{real.stat().st_mtime}|{include}|{mlx_version}".encode()).hexdigest()[:12]
     precompiled = vector_compiler_dir() / f"preamble-{key}"
     gch = shlex.quote(str(precompiled / f"{KERNEL_PREAMBLE}.gch"))
     build = (f'{shlex.quote(compiler)} {flags} {" ".join(MLX_KERNEL_FLAGS)} -I {shlex.quote(str(include))} '
