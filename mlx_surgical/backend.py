@@ -77,10 +77,10 @@ VECTOR_OPT_OUT = "MLX_SURGICAL_VECTOR_KERNELS"
 VECTOR_FLAGS = ("-mavx2", "-mfma", "-mf16c", "-ffp-contract=off")
 VECTOR_CPU_FLAGS = {"avx2", "fma", "f16c"}
 # Every fused kernel's source starts by including this header, which g++ parsed afresh each time:
-# 0.70-0.81 s a kernel, 0.17-0.22 s from a precompiled copy (the same machine code; AMD Zen 4),
-# and a first run compiles 50-90 kernels. g++ uses a precompiled header only if it was built with the same
-# code-generating options, those of MLX's own command (cpu/jit_compiler.cpp), and else parses the
-# header as before.
+# 0.70-0.82 s a kernel, 0.17-0.22 s from a precompiled copy (the same machine code; AMD Zen 3 and
+# Zen 4), and a first run compiles 50-90 kernels. g++ uses a precompiled header only if it was
+# built with the code-generating options of MLX's own command (cpu/jit_compiler.cpp), and else
+# parses the header as before.
 KERNEL_PREAMBLE = "mlx/backend/cpu/compiled_preamble.h"
 MLX_KERNEL_FLAGS = ("-std=c++17", "-O3", "-Wall", "-fPIC")
 
