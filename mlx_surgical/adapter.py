@@ -91,6 +91,9 @@ class AdapterConfig:
     @classmethod
     def from_dict(cls, raw: dict, source: str) -> "AdapterConfig":
         """Our configs, and plain mlx-lm adapter configs (no alpha, base or prompt)."""
+        if not isinstance(raw, dict):
+            raise UserError(f"{source}: not a LoRA adapter config (a JSON object is expected, found "
+                            f"{type(raw).__name__}); train the adapter again or restore the file")
         if raw.get("fine_tune_type", "lora") != "lora":
             raise UserError(f"{source}: only LoRA adapters are supported (found {raw.get('fine_tune_type')})")
         try:
@@ -108,7 +111,7 @@ class AdapterConfig:
                        prompt=PromptRecord(**{k: v for k, v in (raw.get("prompt") or {}).items()
                                               if k in PROMPT_FIELDS}),  # a newer version may add more
                        update=raw.get("update"), val_loss=raw.get("val_loss"))
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:  # AttributeError: a list where an object belongs
             raise UserError(f"{source}: not a LoRA adapter config mlx_surgical can read ({type(e).__name__}: {e})")
 
     @classmethod

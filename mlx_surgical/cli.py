@@ -4,6 +4,7 @@ with status 2."""
 
 import functools
 import json
+import math
 import signal
 import sys
 from pathlib import Path
@@ -43,6 +44,20 @@ def user_errors(fn):
     return wrapper
 
 
+class PositiveSize(click.FloatRange):
+    """A positive, finite size up to `most`: click's FloatRange lets NaN through."""
+
+    def __init__(self, most: float):
+        super().__init__(min=0, min_open=True, max=most)
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value} is not a number", param, ctx)
+        return number
+
+
+POSITIVE = click.IntRange(min=1)
 NO_PROGRESS_HELP = "No progress bar: a plain line every 5% of the run (as when output is not a terminal)."
 
 
@@ -59,7 +74,7 @@ def cli():
 @click.option("--model-dir", default=None,
               help="Where the model is built or converted (or reused) [default: model.path of configs/tiny.json, "
                    "or of configs/smollm2.json with --real].")
-@click.option("--epochs", type=int, default=None, help="Override the preset's length (for a shorter demo).")
+@click.option("--epochs", type=POSITIVE, default=None, help="Override the preset's length (for a shorter demo).")
 @click.option("--no-progress", is_flag=True, help=NO_PROGRESS_HELP)
 @user_errors
 def quickstart_cmd(out, real, model_dir, epochs, no_progress):
@@ -72,12 +87,12 @@ def quickstart_cmd(out, real, model_dir, epochs, no_progress):
 
 @cli.command("tiny-model")
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--layers", type=int, default=2, show_default=True)
-@click.option("--hidden-size", type=int, default=64, show_default=True)
-@click.option("--intermediate-size", type=int, default=192, show_default=True)
-@click.option("--heads", type=int, default=4, show_default=True)
-@click.option("--kv-heads", type=int, default=2, show_default=True)
-@click.option("--vocab-size", type=int, default=512, show_default=True)
+@click.option("--layers", type=POSITIVE, default=2, show_default=True)
+@click.option("--hidden-size", type=POSITIVE, default=64, show_default=True)
+@click.option("--intermediate-size", type=POSITIVE, default=192, show_default=True)
+@click.option("--heads", type=POSITIVE, default=4, show_default=True)
+@click.option("--kv-heads", type=POSITIVE, default=2, show_default=True)
+@click.option("--vocab-size", type=POSITIVE, default=512, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @user_errors
 def tiny_model_cmd(out_dir, layers, hidden_size, intermediate_size, heads, kv_heads, vocab_size, seed):
@@ -146,7 +161,7 @@ def config_help_cmd():
 @click.option("--model", "model_path", default=None,
               help="Base model directory or repo id [default: the one the adapter was trained on].")
 @click.option("--adapter", "adapter_dir", default=None, help="A run directory or an mlx export.")
-@click.option("--max-tokens", type=int, default=EvalConfig.max_tokens, show_default=True,
+@click.option("--max-tokens", type=POSITIVE, default=EvalConfig.max_tokens, show_default=True,
               help=setting_help(EvalConfig, "max_tokens"))
 @click.option("--compare", is_flag=True, help="Print the base model's answer beside the adapted one.")
 @click.argument("prompt", required=False)
@@ -330,7 +345,8 @@ def adapters_rm(root, name, yes):
 
 @cli.command("serve")
 @click.option("--host", default=ServeConfig.host, show_default=True, help=setting_help(ServeConfig, "host"))
-@click.option("--port", type=int, default=ServeConfig.port, show_default=True, help=setting_help(ServeConfig, "port"))
+@click.option("--port", type=click.IntRange(1, 65535), default=ServeConfig.port, show_default=True,
+              help=setting_help(ServeConfig, "port"))
 @click.option("--token", default=None, envvar="MLX_SURGICAL_TOKEN",
               help="Require 'Authorization: Bearer TOKEN' on every route but the dashboard's page and a bare "
                    "/api/health.")
@@ -339,7 +355,8 @@ def adapters_rm(root, name, yes):
 @click.option("--allow-remote", is_flag=True, help="Bind beyond loopback without a token.")
 @click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
               help="Also accept this name in the Host and Origin headers (a reverse proxy's); repeatable.")
-@click.option("--max-body-mb", type=float, default=ServeConfig.max_body_mb, show_default=True,
+@click.option("--max-body-mb", type=PositiveSize(most=1024 * 1024), default=ServeConfig.max_body_mb,
+              show_default=True,
               help=setting_help(ServeConfig, "max_body_mb"))
 @click.option("--keep-jobs", type=click.IntRange(min=0), default=ServeConfig.keep_jobs, show_default=True,
               help=setting_help(ServeConfig, "keep_jobs"))

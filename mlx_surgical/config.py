@@ -278,15 +278,7 @@ def value_problems(c: RunConfig, source: str) -> list[str]:
         if not ok:
             p.append(f"{source}: {where}: {message}")
 
-    # NaN and Infinity parse as JSON numbers; counts feed MLX's 32-bit indices and the seed its 64-bit key.
-    for where, section in (("lora", lora), ("training", t)):
-        for f in dataclasses.fields(section):
-            value = getattr(section, f.name)
-            if isinstance(value, float):
-                need(math.isfinite(value), f"{where}.{f.name}", "must be a finite number")
-            elif isinstance(value, int) and not isinstance(value, bool) and f.name != "seed":
-                need(value < 2 ** 31, f"{where}.{f.name}", "must be below 2^31")
-    need(0 <= t.seed < 2 ** 64, "training.seed", "must be in [0, 2^64)")
+    p += [f"{source}: {problem}" for problem in number_problems("lora", lora) + number_problems("training", t)]
     need(bool(c.model.path), "model.path", "required: a Hugging Face repo id or a local model directory")
     need(lora.rank >= 1, "lora.rank", "must be at least 1")
     need(lora.alpha > 0, "lora.alpha", "must be positive")
@@ -321,15 +313,31 @@ def value_problems(c: RunConfig, source: str) -> list[str]:
     return p
 
 
+def number_problems(where: str, section) -> list[str]:
+    """NaN and Infinity parse as JSON numbers; counts feed MLX's 32-bit indices and a seed its 64-bit key."""
+    problems = []
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            problems.append(f"{where}.{f.name}: must be a finite number")
+        elif isinstance(value, int) and not isinstance(value, bool):
+            if f.name == "seed" and not 0 <= value < 2 ** 64:
+                problems.append(f"{where}.{f.name}: must be in [0, 2^64)")
+            elif f.name != "seed" and value >= 2 ** 31:
+                problems.append(f"{where}.{f.name}: must be below 2^31")
+    return problems
+
+
 def eval_problems(e: EvalConfig) -> list[str]:
     """Range checks of the eval settings, shared by config files and the eval command's options."""
     checks = [(e.samples is None or e.samples >= 0, "eval.samples", "must be 0 or more (or null)"),
               (e.temperature > 0, "eval.temperature", "must be positive"),
               (e.max_tokens >= 1, "eval.max_tokens", "must be at least 1"),
               (e.generations >= 0, "eval.generations", "must be 0 or more"),
-              (e.timeout_seconds > 0, "eval.timeout_seconds", "must be positive"),
-              (e.memory_mb >= 64, "eval.memory_mb", "must be at least 64 (Python itself needs some)")]
-    return [f"{where}: {message}" for ok, where, message in checks if not ok]
+              (0 < e.timeout_seconds <= 86400, "eval.timeout_seconds", "must be positive and at most 86400 (a day)"),
+              (64 <= e.memory_mb <= 2 ** 20, "eval.memory_mb",
+               "must be at least 64 (Python itself needs some) and at most 1048576 (1 TB)")]
+    return number_problems("eval", e) + [f"{where}: {message}" for ok, where, message in checks if not ok]
 
 
 def setting_help(cls, name: str) -> str:

@@ -76,6 +76,8 @@ def read_records(path: str | Path, named_by: str = "data.train / data.valid in t
         except json.JSONDecodeError as e:
             problems[lineno] = [f"{path}:{lineno}: malformed JSON line ({e.msg} at column {e.colno}); "
                                 "each line must be one JSON object"]
+        except RecursionError:
+            problems[lineno] = [f"{path}:{lineno}: JSON nested too deeply; each line must be one flat example object"]
     if problems:  # the lines that did parse are checked too, so one pass fixes the whole file
         first = first_shaped([r for _, r in records])
         for lineno, record in records:
@@ -125,6 +127,8 @@ def to_messages(record: Record) -> tuple[list[dict], bool]:
                 raise UserError(f"{record.origin}: messages[{i}] needs a role ({', '.join(ROLES)}) and string content")
         if messages[-1]["role"] != "assistant":
             raise UserError(f"{record.origin}: the last message must have role 'assistant' (the answer to learn)")
+        if not any(m["role"] == "user" for m in messages[:-1]):
+            raise UserError(f"{record.origin}: no 'user' message before the answer; add the request it answers")
         return messages, True
     if "instruction" in f:
         answer_key = "output" if "output" in f else "response"

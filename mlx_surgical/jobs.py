@@ -4,7 +4,8 @@ worker process at a time.
     <workspace>/jobs/
       scheduler.lock         held by the one server scheduling this workspace (locks.py)
       <id>/job.json          the job's small status record (Job)
-      <id>/config.json       the run config as asked, inline data included (for an evaluation, the
+      <id>/config.json       the run config as checked (paths made absolute, output in the workspace's
+                             adapters/, the run's name), inline data included (for an evaluation, the
                              request), written once
       <id>/held_out.jsonl    an evaluation's inline examples; <id>/eval.json its report
       <id>/events.jsonl      one line per progress report

@@ -396,6 +396,8 @@ def validate_run(config: RunConfig) -> list[str]:
                 encoded[split] = encode_split(config, fmt, split, records)
                 notes += encoded[split].report_lines(split)
             notes.append(f"{split}: {counted(len(records), 'example')}")
+            if split == "valid" and config.eval.enabled:  # as train checks them before it starts
+                read_examples(records, config.eval.samples)
         except UserError as e:
             problems += e.problems
     if "train" in encoded:

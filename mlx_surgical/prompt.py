@@ -5,6 +5,7 @@ starts. Generation uses the same PromptFormat, so an adapter is always asked as 
 from dataclasses import dataclass
 from typing import Optional
 
+import jinja2
 import numpy as np
 
 from .console import counted
@@ -96,7 +97,12 @@ def encode_records(records: list[Record], fmt: PromptFormat, max_seq_length: int
     samples, truncated, skipped, problems = [], [], [], []
     for record in records:
         messages, has_answer = to_messages(record)
-        ids, loss_start = fmt.example_ids(messages, has_answer)
+        try:
+            ids, loss_start = fmt.example_ids(messages, has_answer)
+        except jinja2.TemplateError as e:  # e.g. CodeLlama's template insists on user/assistant turns in turn
+            problems.append(f"{record.origin}: the model's chat template refuses these messages ({e}); "
+                            "reorder or merge them as it asks")
+            continue
         if not mask_prompt:
             loss_start = 1
         if len(ids) > max_seq_length:

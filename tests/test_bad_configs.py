@@ -85,6 +85,14 @@ CASES = {
                                 "lora.layers: 5, but"),
     "nested 100,000 deep": (lambda t, m: (t / "deep.json").write_text(nested(100_000)) and t / "deep.json",
                             "JSON nested too deeply"),
+    "eval seed negative": (lambda t, m: write_config(t, m, eval={"seed": -1}), "eval.seed: must be in [0, 2^64)"),
+    "an answer without a request": (
+        lambda t, m: (t / "d.jsonl").write_text(json.dumps({"messages": [{"role": "assistant", "content": "x"}]}))
+        and write_config(t, m, data={"train": str(t / "d.jsonl"), "system_prompt": "Be brief."}),
+        "d.jsonl:1: no 'user' message before the answer"),
+    "a data line nested 100,000 deep": (
+        lambda t, m: (t / "d.jsonl").write_text(nested(100_000)) and write_config(t, m, data={"train": str(t / "d.jsonl")}),
+        "d.jsonl:1: JSON nested too deeply"),
     "output under a file": (lambda t, m: (t / "file").write_text("") or write_config(t, m, output={"dir": str(t / "file" / "runs")}),
                             "output.dir:"),
 }
@@ -142,3 +150,7 @@ def test_export_of_a_damaged_adapter_is_one_clear_line(trained_run, tmp_path):
     (damaged / "adapter_config.json").write_text(json.dumps(config))
     result = CliRunner().invoke(cli, ["export", str(damaged), "--format", "gguf"])
     assert result.exit_code == 2 and "not a LoRA adapter config mlx_surgical can read" in result.output
+    for broken in ([], {**config, "prompt": [1]}):
+        (damaged / "adapter_config.json").write_text(json.dumps(broken))
+        result = CliRunner().invoke(cli, ["export", str(damaged), "--format", "peft"])
+        assert result.exit_code == 2 and "adapter_config.json: not a LoRA adapter config" in result.output, result.output

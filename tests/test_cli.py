@@ -148,3 +148,17 @@ def test_the_hint_for_a_missing_model_folder_pastes(pasted):
     assert "--bits" not in how_to_create("models/x-16bit")  # convert takes 4 or 8: no option it would refuse
     assert pasted(how_to_create("models/tiny-llama").split("`")[1]) == [
         "mlx-surgical", "quickstart", "--model-dir", "models/tiny-llama"]
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["serve", "--port", "70000"], "--port"),
+    (["serve", "--max-body-mb", "nan"], "--max-body-mb"),
+    (["tiny-model", "{tmp}/x", "--heads", "0"], "--heads"),
+    (["tiny-model", "{tmp}/x", "--layers", "0"], "--layers"),
+    (["quickstart", "--epochs", "0"], "--epochs"),
+    (["generate", "--max-tokens", "-1", "hi"], "--max-tokens"),
+])
+def test_an_impossible_option_value_is_refused_before_anything_runs(tmp_path, argv, named):
+    result = CliRunner().invoke(cli, [a.format(tmp=tmp_path) for a in argv], catch_exceptions=False)
+    assert result.exit_code == 2 and f"Invalid value for '{named}'" in result.output, result.output
+    assert not (tmp_path / "x").exists()

@@ -99,3 +99,13 @@ def test_model_path_is_taken_from_the_config_folder_unless_it_exists_from_the_wo
     (tmp_path / "models").mkdir()
     (tmp_path / "models" / "tiny").symlink_to(tiny_model)
     assert load_config(path).model.path == "models/tiny"  # as before: it exists from here
+
+
+def test_eval_settings_get_the_same_number_checks_as_training():
+    found = "\n".join(problems_of({"model": {"path": "m"}, "data": {"train": "t.jsonl", "valid": "v.jsonl"},
+                                   "eval": {"seed": -1, "timeout_seconds": float("inf"), "memory_mb": 2 ** 40,
+                                            "temperature": float("nan")}}))
+    assert "eval.seed: must be in [0, 2^64)" in found
+    assert "eval.timeout_seconds: must be a finite number" in found
+    assert "eval.memory_mb: must be below 2^31" in found
+    assert "eval.temperature: must be a finite number" in found

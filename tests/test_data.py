@@ -168,3 +168,30 @@ def test_every_overlong_example_is_named_when_overlength_is_error(tokenizer):
     with pytest.raises(UserError) as bad:
         encode_records(rows, PromptFormat(tokenizer), 64, "error", True)
     assert [p.split(":")[0] for p in bad.value.problems] == ["data.examples[0]", "data.examples[2]"]
+
+
+def test_a_conversation_without_a_request_is_named():
+    row = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "assistant", "content": "Hello"}]}
+    with pytest.raises(UserError, match=r"x\[0\]: no 'user' message before the answer"):
+        to_messages(inline_records([row], "x")[0])
+
+
+def test_a_line_nested_too_deeply_is_named_with_the_others(tmp_path):
+    path = tmp_path / "deep.jsonl"
+    path.write_text('{"instruction": "a", "response": "b"}\n' + "[" * 100000 + "]" * 100000 + "\n{}\n")
+    with pytest.raises(UserError) as e:
+        read_records(path)
+    assert "deep.jsonl:2: JSON nested too deeply" in str(e.value) and "deep.jsonl:3: no known fields" in str(e.value)
+
+
+def test_a_chat_template_that_refuses_the_turns_names_the_example(tiny_model):
+    tokenizer = load_tokenizer(str(tiny_model))
+    # CodeLlama-Instruct's template has this check.
+    tokenizer._tokenizer.chat_template = (
+        "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+        "{% endif %}{{ m['content'] }}{% endfor %}")
+    turns = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]
+    with pytest.raises(UserError, match=r"x\[0\]: the model's chat template refuses these messages "
+                                        r"\(Conversation roles must alternate"):
+        encode_records(inline_records([{"messages": turns}], "x"), PromptFormat(tokenizer), 512, "error", True)

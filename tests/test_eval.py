@@ -158,7 +158,7 @@ def test_candidate_code_is_found_and_run_against_its_tests(tmp_path):
     assert outcome(reverse, "def reverse(items):\n    while True: pass") == "timeout"
 
 
-def test_bad_eval_data_names_the_example(run_copy, tmp_path):
+def test_bad_eval_data_names_the_example(run_copy, tiny_model, tmp_path):
     rows = [PROBLEMS[0], {"instruction": "Say hi", "response": "hi"},
             {**PROBLEMS[1], "test": "def check(candidate):\n    assert candidate(3) == = 9\n"},
             {**PROBLEMS[2], "tests": ["assert reverse([1]) == [1]", "assert reverse(["]},
@@ -182,6 +182,12 @@ def test_bad_eval_data_names_the_example(run_copy, tmp_path):
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert f"error: {data}:2: no tests to run" in result.output
     assert not (run_copy / "eval.json").exists()
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model": {"path": str(tiny_model)}, "data": {"train": str(data), "valid": str(data)},
+                                  "eval": {"enabled": True, "samples": 2}}))
+    result = CliRunner().invoke(cli, ["validate", str(config)])
+    assert result.exit_code == 2 and f"error: {data}:7: 'tests' (assert lines) is given" in result.output, result.output
 
 
 def test_cli_eval_of_a_plain_mlx_lm_adapter_and_registry_show(run_copy, tiny_model, tmp_path):

@@ -24,7 +24,7 @@ def prepare_config(raw: dict, store: JobStore) -> tuple[RunConfig, list[str]]:
     """The request's config, checked like `mlx-surgical validate` and confined to the
     workspace: data files must resolve inside it and runs are written to its adapters/.
     Returns it with validate's notes."""
-    from ..pipeline import validate_run  # loads MLX for the tokenizer; the rest of the server never does
+    from ..pipeline import validate_run  # loads MLX, which the server otherwise needs only for /api/health's facts
 
     config = config_from_dict(raw, source="config")
     problems = [p for name in ("train", "valid") if getattr(config.data, name) is not None
