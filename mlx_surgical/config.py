@@ -293,6 +293,9 @@ def value_problems(c: RunConfig, source: str) -> list[str]:
          "give training data: data.train (a file) or data.examples (inline)")
     need(data.train is None or data.examples is None, "data", "give data.train or data.examples, not both")
     need(data.valid is None or data.valid_examples is None, "data", "give data.valid or data.valid_examples, not both")
+    for name in ("train", "valid"):
+        if isinstance(getattr(data, name), str) and (problem := data_path_problem(getattr(data, name), f"data.{name}")):
+            p.append(f"{source}: {problem}")
     need(t.epochs is None or t.iters is None, "training", "set training.epochs or training.iters, not both")
     need(t.epochs is None or t.epochs >= 1, "training.epochs", "must be at least 1")
     need(t.iters is None or t.iters >= 1, "training.iters", "must be at least 1")
@@ -374,15 +377,23 @@ def resolve_model_path(config: RunConfig, base_dir: str | Path) -> RunConfig:
 BUNDLED_PREFIX = "bundled:"  # "bundled:train" names a split of the sample data shipped in the package
 
 
+def data_path_problem(value: str, where: str) -> Optional[str]:
+    """What is wrong with a data file's name as given, before it is looked for."""
+    if "\0" in value:
+        return f"{where}: the path contains a NUL character; give the file's name as plain text"
+    split = value[len(BUNDLED_PREFIX):] if value.startswith(BUNDLED_PREFIX) else None
+    if split is not None and split not in SAMPLE_SPLITS:
+        return f"{where}: unknown bundled split '{split}'; use " + ", ".join(BUNDLED_PREFIX + s for s in SAMPLE_SPLITS)
+    return None
+
+
 def resolve_data_path(value: str, base_dir: str | Path, where: str) -> str:
     """A data file as named in a config or on the command line: bundled:SPLIT, or a path taken
     from base_dir when relative."""
+    if problem := data_path_problem(value, where):
+        raise UserError(problem)
     if value.startswith(BUNDLED_PREFIX):
-        split = value[len(BUNDLED_PREFIX):]
-        if split not in SAMPLE_SPLITS:
-            raise UserError(f"{where}: unknown bundled split '{split}'; use " +
-                            ", ".join(BUNDLED_PREFIX + s for s in SAMPLE_SPLITS))
-        return str(sample_path(split))
+        return str(sample_path(value[len(BUNDLED_PREFIX):]))
     return value if Path(value).is_absolute() else str((Path(base_dir) / value).resolve())
 
 

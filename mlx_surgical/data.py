@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Optional
 
-from .errors import UserError, not_utf8, parse_user_json, read_user_bytes, read_user_text
+from .errors import UTF8_BOM, UserError, not_utf8, parse_user_json, read_user_bytes, read_user_text
 
 SAMPLE_SPLITS = ("train", "valid", "test")
 ROLES = ("system", "user", "assistant")
@@ -62,7 +62,7 @@ def read_records(path: str | Path, named_by: str = "data.train / data.valid in t
             raise UserError(f"{path}: a .json data file must hold a list of examples")
         return [Record(row, f"{path}[{i}]") for i, row in enumerate(rows)]
     records, problems = [], {}  # line number -> its problems
-    data = read_user_bytes(path, "data", hint).removeprefix(b"\xef\xbb\xbf")  # a BOM some editors write
+    data = read_user_bytes(path, "data", hint).removeprefix(UTF8_BOM)
     for lineno, raw in enumerate(data.split(b"\n"), start=1):
         try:
             line = raw.decode("utf-8")

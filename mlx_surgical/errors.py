@@ -36,6 +36,9 @@ class TrainingInterrupted(Exception):
     """Ctrl-C or a stop request: the callbacks have written a checkpoint, then this is raised."""
 
 
+UTF8_BOM = b"\xef\xbb\xbf"  # some editors start UTF-8 files with it; JSON readers refuse it
+
+
 def read_user_bytes(path: Path, what: str, hint: str = "") -> bytes:
     try:
         return path.read_bytes()
@@ -51,8 +54,8 @@ def not_utf8(where: str, error: UnicodeDecodeError) -> str:
 
 
 def read_user_text(path: Path, what: str, hint: str = "") -> str:
-    """A UTF-8 text file; invalid bytes are reported with their line."""
-    data = read_user_bytes(path, what, hint)
+    """A UTF-8 text file, without a leading BOM; invalid bytes are reported with their line."""
+    data = read_user_bytes(path, what, hint).removeprefix(UTF8_BOM)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:

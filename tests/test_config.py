@@ -3,6 +3,7 @@ import json
 import pytest
 
 from mlx_surgical.config import config_from_dict, help_lines, load_config, preset_names, preset_path
+from mlx_surgical.data import read_records
 from mlx_surgical.errors import UserError
 
 MINIMAL = {"model": {"path": "m"}, "data": {"examples": [{"instruction": "a", "response": "b"}]}}
@@ -109,3 +110,18 @@ def test_eval_settings_get_the_same_number_checks_as_training():
     assert "eval.timeout_seconds: must be a finite number" in found
     assert "eval.memory_mb: must be below 2^31" in found
     assert "eval.temperature: must be a finite number" in found
+
+
+def test_data_file_names_are_checked_with_everything_else():
+    found = problems_of({"model": {"path": "m"}, "lora": {"rnak": 8},
+                         "data": {"train": "bundled:trian", "valid": "held\0out.jsonl"}})
+    assert any(p.startswith("c.json: lora.rnak: unknown key") for p in found)
+    assert "c.json: data.train: unknown bundled split 'trian'; use bundled:train, bundled:valid, bundled:test" in found
+    assert "c.json: data.valid: the path contains a NUL character; give the file's name as plain text" in found
+
+
+def test_a_config_and_a_json_data_file_saved_with_a_bom_are_read(tmp_path):
+    (tmp_path / "d.json").write_bytes(b"\xef\xbb\xbf" + json.dumps([{"instruction": "a", "response": "b"}]).encode())
+    path = tmp_path / "c.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"model": {"path": "m"}, "data": {"train": "d.json"}}).encode())
+    assert read_records(load_config(path).data.train)[0].fields == {"instruction": "a", "response": "b"}
