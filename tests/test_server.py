@@ -370,6 +370,8 @@ def test_an_evaluation_job_in_the_same_queue_returns_its_report(start_server, ti
             "example, or leave samples unset"]
         outside = client.post("/api/adapters/evaluated/eval", json={"data": "../../etc/passwd"})
         assert outside.status_code == 422 and "outside the workspace" in outside.json()["problems"][0]
+        nul = client.post("/api/adapters/evaluated/eval", json={"data": "held\u0000out.jsonl"})
+        assert nul.status_code == 422 and "contains a NUL character" in nul.json()["problems"][0]
         assert client.post("/api/adapters/nothing/eval", json={}).status_code == 404
 
         queued = client.post("/api/adapters/evaluated/eval",

@@ -7,8 +7,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional
 
-from ..config import (BUNDLED_PREFIX, RUN_NAME_CHARS, OutputConfig, RunConfig, config_from_dict, eval_problems,
-                      resolve_data_path, resolve_data_paths, section_from_dict)
+from ..config import (BUNDLED_PREFIX, RUN_NAME_CHARS, OutputConfig, RunConfig, config_from_dict, data_path_problem,
+                      eval_problems, resolve_data_path, resolve_data_paths, section_from_dict)
 from ..data import check_records, inline_records, read_records, split_records
 from ..errors import Conflict, UserError
 from ..files import write_text_atomic
@@ -46,7 +46,9 @@ def prepare_config(raw: dict, store: JobStore) -> tuple[RunConfig, list[str]]:
 
 
 def workspace_file(store: JobStore, value: str, where: str) -> Optional[str]:
-    """The problem with a data file outside the workspace, or None."""
+    """The problem with a data file outside the workspace (or with its name), or None."""
+    if problem := data_path_problem(value, where):
+        return problem
     if value.startswith(BUNDLED_PREFIX) or (store.workspace / value).resolve().is_relative_to(store.workspace):
         return None
     return (f"{where}: '{value}' is outside the workspace; send the examples inline or put the file in the "
