@@ -94,7 +94,6 @@ def checkpoint_update(checkpoint: Path) -> int:
 
 @dataclass
 class VerifiedCheckpoint:
-    path: Path
     weights: dict
     moments: dict
     state: TrainState
@@ -188,7 +187,7 @@ def verify_checkpoint(checkpoint: Path, model, optimizer) -> VerifiedCheckpoint:
     if "step" in moments and int(moments["step"].item()) != state.update:
         raise CheckpointRejected(f"{OPTIMIZER_FILE}: the optimizer counted {int(moments['step'].item())} updates, "
                                  f"{STATE_FILE} {state.update}")
-    return VerifiedCheckpoint(checkpoint, weights, moments, state)
+    return VerifiedCheckpoint(weights, moments, state)
 
 
 def load_checkpoint(run_dir: str | Path, model, optimizer, warn: Callable[[str], None],

@@ -87,6 +87,7 @@ def quickstart_cmd(out, real, model_dir, epochs, no_progress):
 
 @cli.command("tiny-model")
 @click.argument("out_dir", type=click.Path(file_okay=False))
+# TinyShape's defaults, written out: importing tiny.py (transformers) here would slow every --help.
 @click.option("--layers", type=POSITIVE, default=2, show_default=True)
 @click.option("--hidden-size", type=POSITIVE, default=64, show_default=True)
 @click.option("--intermediate-size", type=POSITIVE, default=192, show_default=True)
@@ -125,14 +126,12 @@ def train_cmd(config, resume_dir, learning_rate, no_progress):
 
     if (config is None) == (resume_dir is None):
         raise UserError("give a CONFIG to start a run, or --resume RUN_DIR to continue one")
-    if learning_rate is not None and resume_dir is None:
-        raise UserError("--learning-rate goes with --resume; for a new run set training.learning_rate in the config")
     progress = "lines" if no_progress else "auto"
     if resume_dir:
         result = resume_run(Path(resume_dir), progress=progress, learning_rate=learning_rate)
     else:
         run_config, name = _load_config_arg(config)
-        result = train_run(run_config, config_name=name, progress=progress)
+        result = train_run(run_config, config_name=name, progress=progress, learning_rate=learning_rate)
     if result.rank != 0:  # under mlx.launch rank 0 reports for all
         return
     click.echo("\n".join(result.summary_lines()))
@@ -240,13 +239,11 @@ def plan_cmd(config, other, as_json, no_probe, ranks):
 @click.argument("source")
 @click.option("--out", default=None,
               help="Output directory (default models/<name>-<bits>bit, or models/<name>-<dtype> with --bits none).")
-@click.option("--bits", type=click.Choice(["4", "8", "none"]), default=str(ConvertConfig.bits), show_default=True,
-              help=setting_help(ConvertConfig, "bits"))
-@click.option("--group-size", type=int, default=ConvertConfig.group_size, show_default=True,
-              help=setting_help(ConvertConfig, "group_size"))
-@click.option("--dtype", type=click.Choice(["float16", "bfloat16", "float32"]), default=None,
-              help="dtype of the unquantized parts [default: float32 where MLX runs on the CPU, which trains "
-                   "fastest there; float16 on Metal].")
+@click.option("--bits", type=click.Choice([*map(str, ConvertConfig.BITS), "none"]), default=str(ConvertConfig.bits),
+              show_default=True, help=setting_help(ConvertConfig, "bits"))
+@click.option("--group-size", type=click.Choice(ConvertConfig.GROUP_SIZES), default=ConvertConfig.group_size,
+              show_default=True, help=setting_help(ConvertConfig, "group_size"))
+@click.option("--dtype", type=click.Choice(ConvertConfig.DTYPES), default=None, help=setting_help(ConvertConfig, "dtype"))
 @click.option("--revision", default=None, help="Hub revision when SOURCE is a repo id.")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @user_errors
@@ -347,14 +344,12 @@ def adapters_rm(root, name, yes):
 @click.option("--host", default=ServeConfig.host, show_default=True, help=setting_help(ServeConfig, "host"))
 @click.option("--port", type=click.IntRange(1, 65535), default=ServeConfig.port, show_default=True,
               help=setting_help(ServeConfig, "port"))
-@click.option("--token", default=None, envvar="MLX_SURGICAL_TOKEN",
-              help="Require 'Authorization: Bearer TOKEN' on every route but the dashboard's page and a bare "
-                   "/api/health.")
+@click.option("--token", default=None, envvar="MLX_SURGICAL_TOKEN", help=setting_help(ServeConfig, "token"))
 @click.option("--workspace", default=ServeConfig.workspace, show_default=True, type=click.Path(file_okay=False),
               help=setting_help(ServeConfig, "workspace"))
-@click.option("--allow-remote", is_flag=True, help="Bind beyond loopback without a token.")
+@click.option("--allow-remote", is_flag=True, help=setting_help(ServeConfig, "allow_remote"))
 @click.option("--allow-host", "allow_hosts", multiple=True, metavar="NAME",
-              help="Also accept this name in the Host and Origin headers (a reverse proxy's); repeatable.")
+              help=setting_help(ServeConfig, "allow_hosts"))
 @click.option("--max-body-mb", type=PositiveSize(most=1024 * 1024), default=ServeConfig.max_body_mb,
               show_default=True,
               help=setting_help(ServeConfig, "max_body_mb"))
@@ -367,8 +362,7 @@ def serve_cmd(host, port, token, workspace, allow_remote, allow_hosts, max_body_
         from .server import serve
     except ImportError as e:
         raise UserError(f"serve needs the server extra ({e.name} is missing): pip install 'mlx-surgical[server]'")
-    settings = ServeConfig(host, port, workspace, max_body_mb, keep_jobs)
-    serve(settings, token, allow_remote, allow_hosts)
+    serve(ServeConfig(host, port, workspace, max_body_mb, keep_jobs, token, allow_remote, tuple(allow_hosts)))
 
 
 @cli.command("doctor")

@@ -73,9 +73,13 @@ class DataConfig:
         "would be cut away entirely is always left out.")
 
 
+DEFAULT_EPOCHS = 3
+
+
 @dataclass
 class TrainingConfig:
-    epochs: Optional[int] = option(None, "Passes over the training data (default 3 when iters is not set).")
+    epochs: Optional[int] = option(None, f"Passes over the training data (default {DEFAULT_EPOCHS} when iters is "
+                                         "not set).")
     iters: Optional[int] = option(None, "Optimizer updates to run, instead of epochs.")
     learning_rate: float = option(1e-4, "Peak learning rate, reached at the end of warmup.")
     min_learning_rate: float = option(0.0, "Learning rate at the end of the decay.")
@@ -150,9 +154,15 @@ class RunConfig:
 @dataclass
 class ConvertConfig:
     """`mlx-surgical convert`'s quantization settings (not part of a run's config)."""
+    BITS = (4, 8)
+    GROUP_SIZES = (32, 64, 128)
+    DTYPES = ("float16", "bfloat16", "float32")
+
     bits: Optional[int] = option(4, "Quantization bits (4 or 8); none keeps the weights unquantized. GGUF tensors "
                                     "in Q4_0, Q4_1 or Q8_0 keep their own bits unless none.")
     group_size: int = option(64, "Weights that share one quantization scale (32, 64 or 128).")
+    dtype: Optional[str] = option(None, "dtype of the unquantized parts [default: float32 where MLX runs on the CPU, "
+                                        "which trains fastest there; float16 on Metal].")
 
 
 @dataclass
@@ -163,6 +173,11 @@ class ServeConfig:
     workspace: str = option(".", "Holds jobs/ and adapters/; data files in requests must be inside it.")
     max_body_mb: float = option(20.0, "Largest request body, in MB.")
     keep_jobs: int = option(500, "Finished jobs to keep; older ones are deleted (their adapters stay).")
+    token: Optional[str] = option(None, "Require 'Authorization: Bearer TOKEN' on every route but the dashboard's "
+                                        "page and a bare /api/health.")
+    allow_remote: bool = option(False, "Bind beyond loopback without a token.")
+    allow_hosts: tuple[str, ...] = option((), "Also accept this name in the Host and Origin headers (a reverse "
+                                              "proxy's); repeatable.")
 
     @property
     def max_body_bytes(self) -> int:
@@ -329,6 +344,13 @@ def number_problems(where: str, section) -> list[str]:
             elif f.name != "seed" and value >= 2 ** 31:
                 problems.append(f"{where}.{f.name}: must be below 2^31")
     return problems
+
+
+def learning_rate_problem(value, where: str) -> Optional[str]:
+    """What is wrong with a peak learning rate given on resume (from a flag or a JSON request), or None."""
+    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf):
+        return None
+    return f"{where}: give a positive number"
 
 
 def eval_problems(e: EvalConfig) -> list[str]:

@@ -47,11 +47,11 @@ def is_terminal(stream: TextIO) -> bool:
 
 
 @contextmanager
-def working(message: str, enabled: bool = True, stream: TextIO | None = None) -> Iterator[None]:
+def working(message: str, enabled: bool = True) -> Iterator[None]:
     """Show that a long step (loading a model, a timing probe, a conversion) is under way: on a
     terminal a spinner with the seconds so far, elsewhere one line when it starts and one when
     it ends, so a log shows where the time went."""
-    stream = stream or sys.stderr
+    stream = sys.stderr
     if not enabled:
         yield
         return

@@ -165,13 +165,12 @@ def record_problems(record: Record, first: Optional[Record]) -> list[str]:
     return []
 
 
-def check_records(records: list[Record], where: str) -> list[list[dict]]:
-    """Every example's messages; raises listing every bad example."""
+def check_records(records: list[Record], where: str) -> None:
+    """Raises listing every bad example."""
     if not records:
         raise UserError(f"{where}: no examples; add at least one instruction/response pair")
     first = first_shaped(records)
     raise_problems([p for record in records for p in record_problems(record, first)])
-    return [to_messages(record)[0] for record in records]
 
 
 def split_records(data_config, split: str) -> list[Record]:

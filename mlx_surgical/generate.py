@@ -47,8 +47,14 @@ def stream_answer(loaded: LoadedModel, fmt: PromptFormat, instruction: str, max_
     yield from stream_completion(loaded, fmt.prompt_ids([{"role": "user", "content": instruction}]), max_tokens)
 
 
+def complete(loaded: LoadedModel, fmt: PromptFormat, messages: list[dict], max_tokens: int,
+             temperature: float = 0.0) -> str:
+    """The whole answer to a conversation, stripped: greedy at temperature 0, else sampled."""
+    return "".join(stream_completion(loaded, fmt.prompt_ids(messages), max_tokens, temperature)).strip()
+
+
 def answer(loaded: LoadedModel, fmt: PromptFormat, instruction: str, max_tokens: int) -> str:
-    return "".join(stream_answer(loaded, fmt, instruction, max_tokens)).strip()
+    return complete(loaded, fmt, [{"role": "user", "content": instruction}], max_tokens)
 
 
 def compare_answers(loaded: LoadedModel, adapter_dir: str | Path, instruction: str,

@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import AsyncIterator, Callable, Iterator, Optional
 
-from .config import OutputConfig, RunConfig, ServeConfig
+from .config import OutputConfig, RunConfig, ServeConfig, learning_rate_problem
 from .errors import Conflict, NotFound, UserError
 from .files import append_jsonl, read_json_or_empty, read_jsonl, write_json_atomic, write_text_atomic
 from .locks import FileLock, is_locked
@@ -354,9 +354,8 @@ class Scheduler:
     def resume(self, job_id: str, learning_rate: Optional[float] = None) -> Job:
         """Queue a stopped, interrupted or failed job again, also one whose stop is still under way:
         its worker finishes its checkpoint first (the run's lock makes the new worker wait)."""
-        if learning_rate is not None and (isinstance(learning_rate, bool) or not isinstance(learning_rate, (int, float))
-                                          or not 0 < learning_rate < float("inf")):
-            raise UserError("learning_rate: give a positive number")
+        if problem := learning_rate_problem(learning_rate, "learning_rate"):
+            raise UserError(problem)
         with self._lock, self.store.locked(job_id) as job:
             if job.kind != "train":
                 raise UserError(f"job {job_id} is an evaluation; queue a new one instead of resuming it")

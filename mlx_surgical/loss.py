@@ -1,22 +1,20 @@
-"""Training losses: token-summed cross-entropy on the learned (response) tokens.
+"""The training loss: token-summed cross-entropy on the learned (response) tokens.
 
-Both losses take (inputs, targets, loss_index, loss_weight) from `batches.collate`: loss_index
-lists the flat (row * width + column) positions whose next token is learned, padded to a
-bucket with weight 0, so the compiled step sees few shapes. They return the summed loss and
-the token count; the training loop divides, which keeps gradient accumulation exact.
+`response_cross_entropy` takes (inputs, targets, loss_index, loss_weight) from
+`batches.collate`: loss_index lists the flat (row * width + column) positions whose next token
+is learned, padded to a bucket with weight 0, so the compiled step sees few shapes. It returns
+the summed loss and the token count; the training loop divides, which keeps gradient
+accumulation exact.
 
-`response_cross_entropy` is the one training uses. It computes logits only at the learned
-positions, a chunk of rows at a time, and works out the gradient of each chunk's loss with
-respect to its hidden states while the chunk's logits exist (p - onehot, through the output
-head). So vocab-sized logits never exist for more than one chunk, in the forward or the
-backward pass, and the backward pass recomputes nothing. `full_logits_cross_entropy` is the
-plain reference it must equal.
+It computes logits only at the learned positions, a chunk of rows at a time, and works out the
+gradient of each chunk's loss with respect to its hidden states while the chunk's logits exist
+(p - onehot, through the output head). So vocab-sized logits never exist for more than one
+chunk, in the forward or the backward pass, and the backward pass recomputes nothing.
+tests/test_loss.py holds it to the plain full-logits computation.
 """
-
 from functools import partial
 
 import mlx.core as mx
-import mlx.nn as nn
 
 from .errors import UserError
 from .forward import fast_exp, hidden_states, output_head, supports_block_forward
@@ -44,13 +42,6 @@ def loss_chunks(rows: int, vocab_size: int) -> list[slice]:
     even = -(-rows // -(-rows // most))
     size = -(-even // CHUNK_ROW_MULTIPLE) * CHUNK_ROW_MULTIPLE
     return [slice(start, start + size) for start in range(0, rows, size)]
-
-
-def full_logits_cross_entropy(model, inputs, targets, loss_index, loss_weight):
-    """Reference path: mlx-lm's forward, logits at every position, MLX's cross-entropy."""
-    logits = model(inputs).astype(mx.float32)
-    losses = nn.losses.cross_entropy(logits, targets).reshape(-1)[loss_index]
-    return (losses * loss_weight).sum(), loss_weight.sum()
 
 
 def _chunk_cross_entropy(head, exp):

@@ -9,7 +9,6 @@ so `validate` finds the same problems `train` would and neither shows a tracebac
 import json
 import re
 import shlex
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -19,10 +18,11 @@ from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HFValidationError
 from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS, load
 from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
+from safetensors import SafetensorError, safe_open
 
 from .config import parse_json_file, preset_path
 from .errors import UserError
-from .shape import ModelShape, check_llama_family, local_shape, read_model_config
+from .shape import ModelShape, local_shape, read_model_config
 
 WEIGHTS_GLOB = "model*.safetensors"  # what mlx-lm loads
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
@@ -126,29 +126,20 @@ def with_mlx_lm_rope(config: dict, source: str) -> dict:
 
 
 def safetensors_problem(path: Path) -> Optional[str]:
-    """Why a safetensors file is not whole, from its header alone (no tensor is read)."""
-    size = path.stat().st_size
+    """Why a safetensors file is not whole, from its header alone (no tensor is read):
+    safetensors checks that the header parses and that its tensors cover the file exactly."""
     try:
-        with path.open("rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            if header_len > size - 8:
-                return "its header is cut off or damaged"
-            header = json.loads(f.read(header_len))
-        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    except (struct.error, ValueError, TypeError, KeyError, IndexError, AttributeError, RecursionError):
-        return "it is not a safetensors file (damaged header)"
-    if 8 + header_len + end != size:
-        return f"it is {size:,} bytes but its header describes {8 + header_len + end:,} (truncated or damaged)"
-    return None
+        with safe_open(str(path), "numpy"):
+            return None
+    except SafetensorError as e:
+        return f"it is not a whole safetensors file (truncated or damaged: {e})"
 
 
 def inspect_model_dir(model_dir: Path) -> ModelShape:
     """The shape of a local model directory, after checking config.json (Llama family), that the
     weight files are whole and that tokenizer files are present. Raises UserError listing every
     problem."""
-    config = read_model_config(model_dir)
-    check_llama_family(config, str(model_dir / "config.json"))
-    shape = ModelShape.from_config(config, str(model_dir / "config.json"))
+    shape = local_shape(model_dir)
     problems = []
     weights = sorted(model_dir.glob(WEIGHTS_GLOB))
     if not weights:

@@ -6,7 +6,6 @@ same run: the same run directory, the same files, the same checks.
 
 import hashlib
 import json
-import math
 import platform
 import signal
 import sys
@@ -26,7 +25,7 @@ from .backend import keep_freed_memory, slow_path_warnings, training_dtype
 from .batches import BatchStream, eval_batches
 from .callbacks import Checkpointer, ConsoleProgress, MetricsFile, ProgressStyle, plot_losses
 from .checkpoint import TrainState, latest_checkpoint, load_checkpoint
-from .config import RunConfig, per_rank_batch, save_config
+from .config import RunConfig, learning_rate_problem, per_rank_batch, save_config
 from .console import command_line, counted, resume_command, working
 from .data import Record, split_records
 from .errors import TrainingDiverged, TrainingInterrupted, UserError
@@ -38,7 +37,7 @@ from .loss import training_loss
 from .model import (inspect_model_dir, is_local, load_model, load_tokenizer, local_model_dir, looks_like_local_path,
                     model_shape)
 from .prompt import EncodedData, PromptFormat, encode_records
-from .rundir import (FINISHED, BaseModelInfo, BestInfo, DataInfo, FinalInfo, RunDir, RunInfo, claim_run,
+from .rundir import (FINISHED, BestInfo, DataInfo, FinalInfo, RunDir, RunInfo, claim_run,
                      default_run_name, load_run_config, now, output_location_problems, output_problems)
 from .surgery import adapter_weights, attach_lora
 from .train import (LoopSettings, evaluate, learning_rate_schedule, make_optimizer, schedule_for, train)
@@ -143,9 +142,10 @@ def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[
     world = mx.distributed.init()
     ranks, primary = world.size(), world.rank() == 0
     per_rank_batch(config.training, ranks)
-    if learning_rate is not None and (resume_dir is None or not math.isfinite(learning_rate) or learning_rate <= 0):
-        raise UserError("--learning-rate: give a positive number, and only with --resume "
-                        "(a new run takes training.learning_rate from its config)")
+    if learning_rate is not None and resume_dir is None:
+        raise UserError("--learning-rate goes with --resume; a new run takes training.learning_rate from its config")
+    if problem := learning_rate_problem(learning_rate, "--learning-rate"):
+        raise UserError(problem)
     if not primary:
         log, progress, callbacks = (lambda _: None), "off", ()
 
@@ -198,13 +198,14 @@ def _train_owned(config: RunConfig, run: RunDir, resume: bool, t_start: float, w
         log(f"model.dtype auto: training in {dtype}, the fast dtype on MLX's CPU backend")
     with working(f"loading {config.model.path}", enabled=progress not in (False, "off")):
         loaded = load_model(config.model.path, config.model.revision, dtype)
-    if resume and info.base_model is not None and info.base_model.fingerprint != loaded.shape.fingerprint():
-        raise UserError(f"{run_dir}: this run was trained on {info.base_model.path} ({info.base_model.shape}), but "
+    trained_on = AdapterConfig.read(run_dir).base if resume and run.adapter_config.exists() else None
+    if trained_on is not None and trained_on.fingerprint != loaded.shape.fingerprint():
+        raise UserError(f"{run_dir}: this run was trained on {trained_on.path} ({trained_on.shape}), but "
                         f"{config.model.path} is now {loaded.shape.describe()}; resume needs the same base model")
     problems = lora_problems(config.lora, loaded.shape, config.model.path)
     if problems:
         raise UserError(*problems)
-    fmt = PromptFormat(loaded.tokenizer, config.data.prompt_format, config.data.system_prompt)
+    fmt = PromptFormat.for_data(loaded.tokenizer, config.data)
     train_data, valid_data = encode_split(config, fmt, "train"), encode_split(config, fmt, "valid")
     if config.eval.enabled:  # bad eval data is reported now, not after an hour of training
         read_examples(split_records(config.data, "valid"), config.eval.samples)
@@ -254,8 +255,6 @@ def _train_owned(config: RunConfig, run: RunDir, resume: bool, t_start: float, w
 
     info.status = "running"
     info.error = None
-    info.base_model = BaseModelInfo(config.model.path, str(loaded.path), loaded.shape.fingerprint(),
-                                    loaded.shape.describe())
     info.data = DataInfo(current_hash, len(train_data.samples), len(valid_data.samples), train_data.tokens,
                          train_data.truncated, train_data.skipped)
     info.trainable_parameters = trainable
@@ -266,7 +265,7 @@ def _train_owned(config: RunConfig, run: RunDir, resume: bool, t_start: float, w
     info.timings.load_seconds = round(time.perf_counter() - t_start, 2)
     write_info = (lambda: info.save(run_dir)) if primary else (lambda: None)
     write_info()
-    per_rank = t.batch_size // ranks
+    per_rank = per_rank_batch(t, ranks)
     log(f"run {run_dir}: {counted(trainable, 'trainable parameter')}, {counted(len(train_data.samples), 'example')}, "
         f"{counted(schedule.updates, 'optimizer update')} ({counted(schedule.epochs, 'epoch')} x "
         f"{counted(schedule.micro_batches_per_epoch, 'micro-batch', 'micro-batches')} / "
@@ -392,7 +391,7 @@ def validate_run(config: RunConfig) -> list[str]:
         try:
             records = split_records(config.data, split)
             if tokenizer is not None and records:
-                fmt = PromptFormat(tokenizer, config.data.prompt_format, config.data.system_prompt)
+                fmt = PromptFormat.for_data(tokenizer, config.data)
                 encoded[split] = encode_split(config, fmt, split, records)
                 notes += encoded[split].report_lines(split)
             notes.append(f"{split}: {counted(len(records), 'example')}")

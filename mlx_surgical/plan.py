@@ -2,9 +2,9 @@
 
 Everything here is computed from the model's config.json (or the built-in shapes of
 CodeLlama, for planning before a download) and the run config; no weights are loaded,
-except for the optional time probe. The schedule is training's own (`train.schedule_for`)
-and the trainable count is checked against what surgery attaches, so the plan's numbers
-are the run's numbers.
+except for the optional time probe. The schedule is training's own (`train.schedule_for`),
+and tests hold the trainable count to what surgery attaches, so the plan's numbers are the
+run's numbers.
 """
 
 import copy
@@ -51,7 +51,7 @@ def known_shape(path: str) -> Optional[ModelShape]:
     return None
 
 
-def resolve_shape(config: RunConfig, bits: Optional[int] = None) -> tuple[ModelShape, str]:
+def resolve_shape(config: RunConfig) -> tuple[ModelShape, str]:
     """The model's shape and where it came from: its config.json when available locally,
     else the built-in CodeLlama table (assuming the quantization the preset asks for)."""
     try:
@@ -63,7 +63,7 @@ def resolve_shape(config: RunConfig, bits: Optional[int] = None) -> tuple[ModelS
             how = how_to_create(path) if looks_like_local_path(path) else "training downloads it; plan after that"
             raise UserError(f"model.path: {path} is not available locally and is not a known shape "
                             f"({', '.join(KNOWN_SHAPES)}); {how}") from None
-        quant_bits = bits if bits is not None else (4 if "4bit" in config.model.path.lower() else None)
+        quant_bits = 4 if "4bit" in config.model.path.lower() else None
         return replace(shape, quant_bits=quant_bits, quant_group_size=ConvertConfig.group_size if quant_bits else None), "built-in table"
 
 
@@ -103,11 +103,10 @@ def activation_bytes(shape: ModelShape, tokens_per_batch: int, seq_len: int, bat
 
 
 def memory_estimate(shape: ModelShape, lora_params: int, training: TrainingConfig, dtype_bytes: int,
-                    seq_len: Optional[int] = None, cpu_math: Optional[bool] = None, ranks: int = 1) -> dict:
-    """Peak training memory; activations for batches of `seq_len` tokens (default: the
-    worst case, max_seq_length), on this machine's MLX device unless cpu_math says."""
-    if cpu_math is None:
-        cpu_math = on_cpu_backend()  # the fast math keeps more: plan for it
+                    seq_len: Optional[int] = None, ranks: int = 1) -> dict:
+    """Peak training memory on this machine's MLX device; activations for batches of `seq_len`
+    tokens (default: the worst case, max_seq_length)."""
+    cpu_math = on_cpu_backend()  # the fast math keeps more: plan for it
     # Where micro-batches may run in pairs (train.py, MLX's CPU backend), two hold activations at once.
     pairings = pairing_options(training.cpu_paired_micro_batches, training.grad_accumulation_steps, ranks)
     at_once = 2 if cpu_math and True in pairings else 1
@@ -133,7 +132,7 @@ def count_examples(config: RunConfig) -> tuple[int, Optional[int], Optional[int]
     tokenizer is local."""
     records = split_records(config.data, "train")
     if is_local(config.model.path):
-        fmt = PromptFormat(load_tokenizer(config.model.path), config.data.prompt_format, config.data.system_prompt)
+        fmt = PromptFormat.for_data(load_tokenizer(config.model.path, config.model.revision), config.data)
         encoded = encode_split(config, fmt, "train", records)
         longest = max((len(s.ids) for s in encoded.samples), default=None)
         return len(encoded.samples), encoded.tokens, longest, "tokenized"
@@ -147,11 +146,10 @@ def _stderr(line: str) -> None:
     sys.stderr.write(line + "\n")
 
 
-def plan_run(config: RunConfig, probe: bool = True, ranks: int = 1, log: Callable[[str], None] = _stderr,
-             progress: bool = True) -> dict:
+def plan_run(config: RunConfig, probe: bool = True, ranks: int = 1, log: Callable[[str], None] = _stderr) -> dict:
     """The plan for `config`; with ranks > 1, for data-parallel training under mlx.launch. A
     slow path this machine could avoid is logged before the timing probe (and listed under
-    "warnings"); with progress, the probe shows that it is running."""
+    "warnings"); the probe shows that it is running."""
     t = config.training
     per_rank = per_rank_batch(t, ranks, "--ranks")
     shape, shape_source = resolve_shape(config)
@@ -193,7 +191,7 @@ def plan_run(config: RunConfig, probe: bool = True, ranks: int = 1, log: Callabl
     elif not memory["fits"]:
         plan["time"]["note"] = "not measured: the run does not fit this machine's memory"
     else:
-        with working(f"timing {counted(PROBE_UPDATES, 'update')} on this machine", progress):
+        with working(f"timing {counted(PROBE_UPDATES, 'update')} on this machine"):
             seconds = probe_seconds_per_update(config)
         plan["time"] = {"seconds_per_update": seconds, "total_seconds": seconds * schedule.updates,
                         "note": "measured by a short probe on this machine"}

@@ -8,6 +8,7 @@ from typing import Optional
 import jinja2
 import numpy as np
 
+from .config import DataConfig
 from .console import counted
 from .data import Record, raise_problems, to_messages
 from .errors import UserError
@@ -24,6 +25,11 @@ class PromptFormat:
         self.style = "chat_template" if style == "chat_template" or (style == "auto" and has_template) else "llama2"
         self.tokenizer = tokenizer
         self.system_prompt = system_prompt
+
+    @classmethod
+    def for_data(cls, tokenizer, data: DataConfig) -> "PromptFormat":
+        """The format a run's data section asks for: how it trains, and so how it is asked."""
+        return cls(tokenizer, data.prompt_format, data.system_prompt)
 
     def _encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))

@@ -16,9 +16,10 @@ from .convert import convert_model
 from .convert.smollm2 import fetch_smollm2
 from .data import read_records, sample_path, to_messages
 from .eval.heldout import combine, example_losses
-from .generate import compare_answers, prompt_format_for
+from .generate import compare_answers
 from .model import model_shape
 from .pipeline import RunResult, encode_split, train_run
+from .prompt import PromptFormat
 from .rundir import RunDir
 from .shape import ModelShape
 from .surgery import load_with_adapter
@@ -96,7 +97,7 @@ def ensure_real_model(model_dir: str | Path, log: Callable[[str], None] = print)
 def held_out_loss(config: RunConfig) -> Optional[float]:
     """The base model's loss on the validation split, prompted as training will prompt it."""
     loaded = load_with_adapter(config.model.path, dtype=config.model.dtype)
-    samples = encode_split(config, prompt_format_for(loaded), "valid").samples
+    samples = encode_split(config, PromptFormat.for_data(loaded.tokenizer, config.data), "valid").samples
     if not samples:
         return None
     return combine(example_losses(loaded.model, samples, config.training.max_seq_length), range(len(samples))).loss

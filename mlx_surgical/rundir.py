@@ -2,7 +2,7 @@
 
     adapters/<run>/
       run_config.json          the resolved config the run was started with (config.RunConfig)
-      run.json                 RunInfo below: provenance, status, timings, results, checksums
+      run.json                 RunInfo below: status, data, versions, timings, results, checksums
       adapters.safetensors     the latest adapter, in mlx-lm's format (adapter.py) ...
       adapter_config.json      ... so `mlx_lm.generate --adapter-path <run>` loads the run as it is
       metrics.jsonl            one JSON line per optimizer update and per evaluation
@@ -180,14 +180,6 @@ def default_run_name(prefix: str, started: Optional[datetime] = None) -> str:
 
 
 @dataclass
-class BaseModelInfo:
-    path: str
-    resolved_path: str
-    fingerprint: str
-    shape: str
-
-
-@dataclass
 class DataInfo:
     hash: str
     train_examples: int
@@ -217,7 +209,7 @@ class FinalInfo:
 
 
 # Nested records, by field name, so `load` can rebuild them from JSON.
-_NESTED = {"base_model": BaseModelInfo, "data": DataInfo, "timings": Timings, "best": BestInfo, "final": FinalInfo}
+_NESTED = {"data": DataInfo, "timings": Timings, "best": BestInfo, "final": FinalInfo}
 
 
 @dataclass
@@ -228,7 +220,6 @@ class RunInfo:
     created: str = field(default_factory=now)
     status: str = "running"  # running | succeeded | stopped_early | interrupted | failed
     update: int = 0
-    base_model: Optional[BaseModelInfo] = None
     data: Optional[DataInfo] = None
     trainable_parameters: Optional[int] = None
     schedule: Optional[dict] = None  # train.Schedule as a dict

@@ -25,11 +25,8 @@ from mlx.utils import tree_flatten, tree_map
 from .backend import blas_threads
 from .batches import Batch
 from .checkpoint import TrainState
-from .config import TrainingConfig
+from .config import DEFAULT_EPOCHS, TrainingConfig
 from .errors import TrainingDiverged, TrainingInterrupted
-
-
-DEFAULT_EPOCHS = 3
 
 
 @dataclass(frozen=True)
@@ -111,7 +108,6 @@ def dropout_seed(seed: int, position: int, rank: int = 0) -> int:
 
 @dataclass
 class LoopResult:
-    state: TrainState
     stopped_early: bool
     final_val_loss: Optional[float]
 
@@ -266,4 +262,4 @@ def train(model, optimizer, loss_fn: Callable, batch_at: Callable[[int], Batch],
             if not last and across_ranks(mx.array(int(should_stop())), mx.cpu).item() > 0:
                 _emit(callbacks, "on_stop", "interrupted", state)
                 raise TrainingInterrupted(f"stopped at update {state.update} of {settings.total_updates}")
-    return LoopResult(state, stopped_early, final_val)
+    return LoopResult(stopped_early, final_val)

@@ -65,9 +65,9 @@ CASES = {
             {**json.loads((d / "config.json").read_text()), "hidden_size": "wide"})))),
         "hidden_size must be positive whole numbers"),
     "weights empty": (lambda t, m: write_config(t, broken_model(
-        t, m, lambda d: (d / "model.safetensors").write_bytes(b""))), "model.safetensors: it is not a safetensors file"),
+        t, m, lambda d: (d / "model.safetensors").write_bytes(b""))), "model.safetensors: it is not a whole safetensors file"),
     "weights truncated": (lambda t, m: write_config(t, broken_model(
-        t, m, lambda d: cut(d / "model.safetensors"))), "(truncated or damaged)"),
+        t, m, lambda d: cut(d / "model.safetensors"))), "(truncated or damaged: "),
     "weights missing": (lambda t, m: write_config(t, broken_model(
         t, m, lambda d: (d / "model.safetensors").unlink())), "no weights (model*.safetensors)"),
     "tokenizer missing": (lambda t, m: write_config(t, broken_model(

@@ -4,6 +4,7 @@ commands print (problems, counts, commands to paste)."""
 import shutil
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from click.testing import CliRunner
 
 from mlx_surgical import __version__
 from mlx_surgical.cli import cli
+from mlx_surgical.config import save_config
 from mlx_surgical.errors import UserError
 
 # The console script installed beside this interpreter (the venv's bin/ need not be on PATH).
@@ -162,3 +164,18 @@ def test_an_impossible_option_value_is_refused_before_anything_runs(tmp_path, ar
     result = CliRunner().invoke(cli, [a.format(tmp=tmp_path) for a in argv], catch_exceptions=False)
     assert result.exit_code == 2 and f"Invalid value for '{named}'" in result.output, result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_a_learning_rate_for_a_new_run_is_refused_before_anything_is_written(make_config, tmp_path):
+    save_config(make_config(), tmp_path / "run.json")
+    result = CliRunner().invoke(cli, ["train", str(tmp_path / "run.json"), "--learning-rate", "1e-3"])
+    assert result.exit_code == 2 and "error: --learning-rate goes with --resume" in result.output, result.output
+    assert not (tmp_path / "adapters").exists()
+
+
+def test_tiny_model_options_default_to_the_tiny_shape():
+    from mlx_surgical.tiny import TinyShape
+
+    defaults = {p.name: p.default for p in cli.commands["tiny-model"].params}
+    assert {k: v for k, v in asdict(TinyShape()).items() if k in defaults} == {
+        k: v for k, v in defaults.items() if k not in ("out_dir", "seed")}

@@ -251,3 +251,21 @@ def test_reference_text_is_a_few_thousand_tokens_of_prose_and_code(report):
     compile(code, "code.txt", "exec")
     by_kind = report[2]["disturbed"]["reference"]["by_kind"]
     assert all(1500 < figures["base"]["tokens"] < 5000 for figures in by_kind.values())
+
+
+def test_eval_from_another_folder_finds_a_base_the_config_named_by_a_relative_path(tiny_model, tmp_path,
+                                                                                   monkeypatch):
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    shutil.copytree(tiny_model, work / "models" / "tiny")
+    elsewhere.mkdir()
+    monkeypatch.chdir(work)
+    config = config_from_dict({"model": {"path": "models/tiny", "dtype": "float32"}, "lora": {"dropout": 0.0},
+                               "data": {"examples": PROBLEMS, "valid_examples": PROBLEMS},
+                               "training": {"iters": 1, "grad_accumulation_steps": 1, "max_seq_length": 256},
+                               "output": {"dir": "adapters", "name": "relative"}})
+    run_dir = train_run(config, progress=False, log=lambda _: None).run_dir.resolve()
+
+    monkeypatch.chdir(elsewhere)
+    result = CliRunner().invoke(cli, ["eval", str(run_dir), "--samples", "0"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((run_dir / "eval.json").read_text())["base_model"] == str(work / "models" / "tiny")

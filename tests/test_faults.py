@@ -15,6 +15,7 @@ import pytest
 from click.testing import CliRunner
 from safetensors.numpy import load_file, save_file
 
+from mlx_surgical.adapter import AdapterConfig
 from mlx_surgical.cli import cli
 from mlx_surgical.config import save_config
 from mlx_surgical.errors import Conflict, TrainingDiverged, TrainingInterrupted, UserError
@@ -182,11 +183,11 @@ def test_resume_refuses_a_swapped_base_model(tiny_model, other_tiny_model, make_
     run_dir = interrupt(config, at=4)
     shutil.rmtree(model)
     shutil.copytree(other_tiny_model, model)  # same path, another model (3 layers, hidden 128)
-    fingerprint = RunInfo.load(run_dir).base_model.fingerprint
+    fingerprint = AdapterConfig.read(run_dir).base.fingerprint
     with pytest.raises(UserError, match="resume needs the same base model") as refused:
         resume_run(run_dir, **QUIET)
     assert "llama 2 layers x hidden 64" in str(refused.value) and "llama 3 layers x hidden 128" in str(refused.value)
-    assert RunInfo.load(run_dir).base_model.fingerprint == fingerprint
+    assert AdapterConfig.read(run_dir).base.fingerprint == fingerprint
 
 
 KILLED_INSIDE_CHECKPOINT = textwrap.dedent("""
@@ -288,6 +289,9 @@ def test_divergence_after_a_checkpoint_keeps_it_and_a_lower_learning_rate_contin
     assert {p.name: sha256_file(p) for p in (cut_copy / "checkpoints" / "update-0000007").iterdir()} == before
     assert verify(cut_copy.parent, "cut")[-1].startswith("shapes fit")  # the top-level adapter is the finite one
 
+    for bad in ("nan", "0", "-1e-3"):
+        refused = CliRunner().invoke(cli, ["train", "--resume", str(cut_copy), "--learning-rate", bad])
+        assert refused.exit_code == 2 and "error: --learning-rate: give a positive number" in refused.output
     continued = CliRunner().invoke(cli, ["train", "--no-progress", "--resume", str(cut_copy), "--learning-rate", "5e-3"])
     assert continued.exit_code == 0, continued.output
     changes = RunInfo.load(cut_copy).learning_rate_changes

@@ -17,12 +17,18 @@ from mlx_surgical.batches import collate
 from mlx_surgical.config import LoraConfig
 from mlx_surgical.forward import (MASKED_SCORE, apply_rope, causal_attention, fast_exp, quantized_layers, rope_tables,
                                   set_dequantized_matmuls)
-from mlx_surgical.loss import (CHUNK_ROW_MULTIPLE, full_logits_cross_entropy, loss_chunk_rows, loss_chunks,
-                               response_cross_entropy)
+from mlx_surgical.loss import CHUNK_ROW_MULTIPLE, loss_chunk_rows, loss_chunks, response_cross_entropy
 from mlx_surgical.model import load_model
 from mlx_surgical.prompt import Sample
 from mlx_surgical.surgery import attach_lora
 from mlx_surgical.tiny import TinyShape, build_tiny_model
+
+
+def full_logits_cross_entropy(model, inputs, targets, loss_index, loss_weight):
+    """The plain reference: mlx-lm's forward, logits at every position, MLX's cross-entropy."""
+    logits = model(inputs).astype(mx.float32)
+    losses = nn.losses.cross_entropy(logits, targets).reshape(-1)[loss_index]
+    return (losses * loss_weight).sum(), loss_weight.sum()
 
 
 def lora_model(model_dir):

@@ -30,10 +30,11 @@ import sys
 from click.testing import CliRunner
 from fastapi.testclient import TestClient
 import mlx_surgical.cli, mlx_surgical.registry, mlx_surgical.jobs, mlx_surgical.rundir, mlx_surgical.adapter
+from mlx_surgical.config import ServeConfig
 from mlx_surgical.server import create_app
 result = CliRunner().invoke(mlx_surgical.cli.cli, ["adapters", "--root", sys.argv[1], "list"])
 assert result.exit_code == 0 and "run-v0.1" in result.output, result.output
-with TestClient(create_app(sys.argv[2]), base_url="http://127.0.0.1") as client:
+with TestClient(create_app(ServeConfig(workspace=sys.argv[2])), base_url="http://127.0.0.1") as client:
     assert client.get("/api/training/jobs").json() == []
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("mlx", "mlx_lm"))
 print(" ".join(loaded))

@@ -292,7 +292,7 @@ def test_a_crashing_worker_fails_its_job_and_the_server_carries_on(start_server,
     server = start_server()
     with server.client() as client:
         refused = client.post("/api/training/start", json=job_config(broken, "broken"))  # validate reads the header
-        assert refused.status_code == 422 and "model.safetensors: its header is cut off" in refused.text
+        assert refused.status_code == 422 and "model.safetensors: it is not a whole safetensors file" in refused.text
         crash_id = client.post("/api/training/start", json=job_config(tiny_model, "crash", iters=120)).json()["id"]
         good_id = client.post("/api/training/start", json=job_config(tiny_model, "fine", iters=2)).json()["id"]
         running = wait_for(client, crash_id, lambda j: j["state"] == "running" and j["update"] >= 1)
@@ -373,6 +373,15 @@ def test_an_evaluation_job_in_the_same_queue_returns_its_report(start_server, ti
         nul = client.post("/api/adapters/evaluated/eval", json={"data": "held\u0000out.jsonl"})
         assert nul.status_code == 422 and "contains a NUL character" in nul.json()["problems"][0]
         assert client.post("/api/adapters/nothing/eval", json={}).status_code == 404
+        (workspace / "empty.jsonl").write_text("")
+        empty = client.post("/api/adapters/evaluated/eval", json={"data": "empty.jsonl"})
+        assert empty.status_code == 422 and "no examples to evaluate on" in empty.json()["problems"][0]
+        config = job_config(tiny_model, "no-valid", iters=1)
+        del config["data"]["valid_examples"]
+        no_valid = client.post("/api/training/start", json=config).json()["id"]
+        wait_for(client, no_valid, lambda j: j["state"] == "succeeded")
+        unsplit = client.post("/api/adapters/no-valid/eval", json={})
+        assert unsplit.status_code == 422 and "no validation split" in unsplit.json()["problems"][0], unsplit.text
 
         queued = client.post("/api/adapters/evaluated/eval",
                              json={"data": "held_out.jsonl", "eval": {"max_tokens": 8, "generations": 1}})

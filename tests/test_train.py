@@ -173,13 +173,15 @@ def test_run_directory_and_mlx_lm_loads_the_adapter(make_config):
         assert (run / name).exists(), name
     info = json.loads((run / "run.json").read_text())
     assert info["status"] == "succeeded" and info["trainable_parameters"] == result.trainable_parameters
-    assert info["base_model"]["fingerprint"] and info["data"]["hash"] and info["versions"]["mlx"]
+    assert info["data"]["hash"] and info["versions"]["mlx"]
+    base = json.loads((run / "adapter_config.json").read_text())["base_model"]
+    assert base["fingerprint"] and Path(base["resolved_path"]).is_absolute()
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert {"update", "loss", "learning_rate", "tokens_per_second", "peak_memory_gb"} <= rows[0].keys()
     assert any("val_loss" in r for r in rows)
 
     # mlx-lm's own loader takes the run directory as it is, and applies the same weights.
-    model, tokenizer = load(info["base_model"]["path"], adapter_path=str(run))
+    model, tokenizer = load(base["path"], adapter_path=str(run))
     ours = dict(tree_flatten(model.trainable_parameters()))
     saved = mx.load(str(run / "adapters.safetensors"))
     assert ours.keys() >= saved.keys()

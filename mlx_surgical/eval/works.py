@@ -6,7 +6,7 @@ from typing import Optional
 
 import mlx.core as mx
 
-from ..generate import stream_completion
+from ..generate import complete
 from ..model import LoadedModel
 from ..prompt import PromptFormat
 from .examples import EvalExample, extract_code
@@ -33,12 +33,6 @@ class ProblemResult:
                 "statuses": self.statuses, "first_failure": self.first_failure}
 
 
-def generate(loaded: LoadedModel, fmt: PromptFormat, example: EvalExample, max_tokens: int,
-             temperature: float = 0.0) -> str:
-    prompt = fmt.prompt_ids(example.prompt_messages)
-    return "".join(stream_completion(loaded, prompt, max_tokens, temperature)).strip()
-
-
 def run_problems(loaded: LoadedModel, fmt: PromptFormat, problems: list[EvalExample], samples: int,
                  temperature: float, max_tokens: int, seed: int, sandbox: Sandbox) -> list[ProblemResult]:
     """`samples` candidates per problem (greedy when 1), each run with the problem's tests."""
@@ -47,7 +41,7 @@ def run_problems(loaded: LoadedModel, fmt: PromptFormat, problems: list[EvalExam
     for problem in problems:
         result = ProblemResult(problem.origin, problem.concepts)
         for _ in range(samples):
-            answer = generate(loaded, fmt, problem, max_tokens, temperature if samples > 1 else 0.0)
+            answer = complete(loaded, fmt, problem.prompt_messages, max_tokens, temperature if samples > 1 else 0.0)
             outcome = sandbox.run(problem.tests.program(extract_code(answer, problem)))
             result.statuses.append(outcome.status)
             if not outcome.passed and result.first_failure is None:

@@ -45,12 +45,11 @@ class BodyTooLarge(UserError):
     """A body over --max-body-mb (HTTP 413)."""
 
 
-def create_app(workspace: str | Path, token: Optional[str] = None, settings: ServeConfig = ServeConfig(),
-               allow_hosts: Iterable[str] = ()) -> FastAPI:
-    """The app for a server bound to `settings.host`; `allow_hosts` are further names clients
-    may use in Host and Origin (a reverse proxy's). Refuses (Conflict) a workspace another
-    server runs."""
-    store = JobStore(Path(workspace))
+def create_app(settings: ServeConfig = ServeConfig()) -> FastAPI:
+    """The app for a server bound to `settings.host`; `settings.allow_hosts` are further names
+    clients may use in Host and Origin (a reverse proxy's). Refuses (Conflict) a workspace
+    another server runs."""
+    store = JobStore(Path(settings.workspace))
     scheduler = Scheduler(store, keep_finished=settings.keep_jobs)
     scheduler.claim()
 
@@ -62,7 +61,7 @@ def create_app(workspace: str | Path, token: Optional[str] = None, settings: Ser
 
     app = FastAPI(title="mlx_surgical", version=__version__, lifespan=lifespan)
     max_body = settings.max_body_bytes
-    app.add_middleware(RequestGuard, token=token, bound_host=settings.host, allow_hosts=tuple(allow_hosts),
+    app.add_middleware(RequestGuard, token=settings.token, bound_host=settings.host, allow_hosts=settings.allow_hosts,
                        max_body=max_body)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
@@ -283,15 +282,13 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(settings: ServeConfig, token: Optional[str], allow_remote: bool = False,
-          allow_hosts: Iterable[str] = ()) -> None:
+def serve(settings: ServeConfig) -> None:
     import uvicorn
 
-    host, port = settings.host, settings.port
-    check_bind(host, token, allow_remote)
-    allow_hosts = tuple(allow_hosts)
+    host, port, token, allow_hosts = settings.host, settings.port, settings.token, settings.allow_hosts
+    check_bind(host, token, settings.allow_remote)
     sock = bind(host, port)
-    app = create_app(settings.workspace, token, settings, allow_hosts)
+    app = create_app(settings)
     lines = [f"mlx-surgical serve: dashboard and API at {dashboard_url(host, port, token, allow_hosts)}",
              f"  workspace {Path(settings.workspace).resolve()}",
              "  a token is required (Authorization: Bearer; the URL above carries it for the dashboard)" if token

@@ -9,12 +9,12 @@ from typing import Any, Optional
 
 from ..config import (BUNDLED_PREFIX, RUN_NAME_CHARS, OutputConfig, RunConfig, config_from_dict, data_path_problem,
                       eval_problems, resolve_data_path, resolve_data_paths, section_from_dict)
-from ..data import check_records, inline_records, read_records, split_records
+from ..data import check_records, inline_records, read_records
 from ..errors import Conflict, UserError
 from ..files import write_text_atomic
 from ..jobs import JobStore
 from ..registry import find, remove
-from ..rundir import RunDir, default_run_name, load_run_config
+from ..rundir import RunDir, default_run_name
 
 UPLOADS = "uploads"
 DATA_SUFFIXES = (".jsonl", ".json")
@@ -60,6 +60,7 @@ def prepare_eval(raw: Any, name: str, store: JobStore) -> tuple[Path, dict]:
     examples from a file inside the workspace (`data`) or inline (`examples`), else the run's
     validation split, and eval settings (`eval`) over the run's own."""
     # Checking the examples loads MLX (eval/), as validating a training config does; listing never does.
+    from ..eval import held_out_records
     from ..eval.examples import read_examples
 
     if not isinstance(raw, dict):
@@ -83,20 +84,19 @@ def prepare_eval(raw: Any, name: str, store: JobStore) -> tuple[Path, dict]:
     try:
         if data is not None and examples is not None:
             raise UserError("request: give data or examples, not both")
-        if data is not None:
-            if not isinstance(data, str):
-                raise UserError("request: data: expected a file name inside the workspace")
-            outside = workspace_file(store, data, "request: data")
-            if outside:
-                raise UserError(outside)
-            data = resolve_data_path(data, store.workspace, "request: data")
-            records = read_records(data, "request: data")
-        elif examples is not None:
+        if examples is not None:
             if not isinstance(examples, list) or not examples:
                 raise UserError("request: examples: expected a non-empty list of examples")
             records = inline_records(examples, "request: examples")
-        elif RunDir(run_dir).config.exists():
-            records = split_records(load_run_config(run_dir).data, "valid")
+        elif data is not None or RunDir(run_dir).config.exists():
+            if data is not None and not isinstance(data, str):
+                raise UserError("request: data: expected a file name inside the workspace")
+            if data is not None and (outside := workspace_file(store, data, "request: data")):
+                raise UserError(outside)
+            records, _ = held_out_records(run_dir, data, store.workspace, "request: data",
+                                          "data (a file in the workspace) or examples in the request")
+            if data is not None:
+                data = str(resolve_data_path(data, store.workspace, "request: data"))
         else:
             records = []
         read_examples(records, overrides.get("samples"))
