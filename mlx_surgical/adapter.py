@@ -141,11 +141,17 @@ class AdapterConfig:
             raise UserError("this adapter records no base model; name the base model explicitly")
         return local_shape(Path(self.base_model))
 
+    def base_mismatch(self, shape: ModelShape, base_path: str, directory: str | Path) -> Optional[str]:
+        """Both models named, when `shape` is not the shape this adapter was trained on."""
+        if self.base and self.base.fingerprint != shape.fingerprint():
+            return (f"{directory}: this adapter was trained on {self.base.path} ({self.base.shape}), "
+                    f"not on {base_path} ({shape.describe()}); use the base model it was trained on")
+        return None
+
     def check_fits(self, shape: ModelShape, base_path: str, directory: str | Path) -> None:
         """Refuse, naming both models, to apply this adapter to a base of another shape."""
-        if self.base and self.base.fingerprint != shape.fingerprint():
-            raise UserError(f"{directory}: this adapter was trained on {self.base.path} ({self.base.shape}), "
-                            f"not on {base_path} ({shape.describe()}); use the base model it was trained on")
+        if mismatch := self.base_mismatch(shape, base_path, directory):
+            raise UserError(mismatch)
         if self.num_layers > shape.num_layers:
             raise UserError(f"{directory}: the adapter covers {self.num_layers} layers but {base_path} "
                             f"has {shape.num_layers}; use the base model it was trained on")

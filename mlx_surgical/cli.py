@@ -224,11 +224,9 @@ def plan_cmd(config, other, as_json, no_probe, ranks):
     from .plan import format_plan, plan_run
 
     run_config, name = _load_config_arg(config)
+    other_config, other_name = _load_config_arg(other) if other else (None, "")  # both read before any probe
     plan = plan_run(run_config, probe=not no_probe, ranks=ranks)
-    other_plan, other_name = None, ""
-    if other:
-        other_config, other_name = _load_config_arg(other)
-        other_plan = plan_run(other_config, probe=not no_probe, ranks=ranks)
+    other_plan = plan_run(other_config, probe=not no_probe, ranks=ranks) if other else None
     if as_json:
         click.echo(json.dumps({name: plan, other_name: other_plan} if other else plan, indent=2))
     else:
@@ -267,7 +265,10 @@ def convert_cmd(source, out, bits, group_size, dtype, revision, force):
 @click.option("--force", is_flag=True, help="Replace an existing export.")
 @user_errors
 def export_cmd(adapter_dir, fmt, out, base_model, dequantize, force):
-    """Export an adapter for mlx-lm, PEFT, llama.cpp/Ollama (GGUF) or as a fused model."""
+    """Export an adapter for mlx-lm, PEFT, llama.cpp/Ollama (GGUF) or as a fused model.
+
+    ADAPTER_DIR is a run directory (its latest adapter), RUN/best (the lowest validation loss)
+    or an mlx export."""
     from .export import export_adapter
 
     path = export_adapter(adapter_dir, fmt, out, base_model=base_model, dequantize=dequantize, force=force)
@@ -361,7 +362,8 @@ def serve_cmd(host, port, token, workspace, allow_remote, allow_hosts, max_body_
     try:
         from .server import serve
     except ImportError as e:
-        raise UserError(f"serve needs the server extra ({e.name} is missing): pip install 'mlx-surgical[server]'")
+        raise UserError(f"serve needs the server extra ({e.name} is missing): install it with "
+                        "`pip install -e \".[server]\"` in the mlx_surgical checkout")
     serve(ServeConfig(host, port, workspace, max_body_mb, keep_jobs, token, allow_remote, tuple(allow_hosts)))
 
 

@@ -226,8 +226,9 @@ def _unknown_key(where: str, key: str, known) -> str:
     return f"{where}{key}: unknown key; {hint}"
 
 
-def config_from_dict(raw: Any, source: str = "config") -> RunConfig:
-    """Build a RunConfig from parsed JSON, reporting every problem at once."""
+def config_from_dict(raw: Any, source: str = "config", base_dir: Optional[Path] = None) -> RunConfig:
+    """Build a RunConfig from parsed JSON, reporting every problem at once; with `base_dir`
+    (relative data paths are taken from there), data files that do not exist are among them."""
     if not isinstance(raw, dict):
         examples = " (a list of examples belongs in data.train as a file, or in data.examples)" \
             if isinstance(raw, list) else ""
@@ -247,6 +248,8 @@ def config_from_dict(raw: Any, source: str = "config") -> RunConfig:
         sections[key] = section_from_dict(key, value, source, problems)
     config = RunConfig(description=description, **sections)
     problems += value_problems(config, source)
+    if base_dir is not None:
+        problems += missing_data_files(config, source, base_dir)
     if problems:
         raise UserError(*problems)
     return config
@@ -382,7 +385,7 @@ def load_config(path: str | Path) -> RunConfig:
     if path.suffix == ".jsonl":
         raise UserError(f"{path}: a .jsonl file holds examples, not a run config; give a config .json (copy "
                         "configs/surgical.json) and name this file in its data.train")
-    config = config_from_dict(parse_json_file(path), source=str(path))
+    config = config_from_dict(parse_json_file(path), source=str(path), base_dir=path.parent)
     return resolve_model_path(resolve_data_paths(config, path.parent), path.parent)
 
 
@@ -407,6 +410,20 @@ def data_path_problem(value: str, where: str) -> Optional[str]:
     if split is not None and split not in SAMPLE_SPLITS:
         return f"{where}: unknown bundled split '{split}'; use " + ", ".join(BUNDLED_PREFIX + s for s in SAMPLE_SPLITS)
     return None
+
+
+def missing_data_files(config: RunConfig, source: str, base_dir: Path) -> list[str]:
+    """The config's data files that do not exist (names with other problems are reported by value_problems)."""
+    problems = []
+    for name in ("train", "valid"):
+        value = getattr(config.data, name)
+        if not isinstance(value, str) or value.startswith(BUNDLED_PREFIX) or data_path_problem(value, name):
+            continue
+        path = Path(value) if Path(value).is_absolute() else (Path(base_dir) / value).resolve()
+        if not path.exists():
+            problems.append(f"{source}: data.{name}: {path}: data file not found (a relative path is taken from the "
+                            "config file's folder)")
+    return problems
 
 
 def resolve_data_path(value: str, base_dir: str | Path, where: str) -> str:

@@ -9,6 +9,7 @@ Accepted example shapes (one JSON object per example, from .jsonl, .json or inli
   {"text": ...}                                      plain text, loss on every token
 """
 
+import difflib
 import json
 from dataclasses import dataclass
 from importlib import resources
@@ -19,6 +20,9 @@ from .errors import UTF8_BOM, UserError, not_utf8, parse_user_json, read_user_by
 
 SAMPLE_SPLITS = ("train", "valid", "test")
 ROLES = ("system", "user", "assistant")
+# Every field an example may carry (the evaluation's too): none of them is taken for a misspelling.
+KNOWN_FIELDS = {"instruction", "input", "output", "response", "prompt", "completion", "messages", "text", "system",
+                "test", "entry_point", "tests", "concept", "tags"}
 MAX_PROBLEMS = 20  # bad examples listed by name; beyond that, how many more
 
 
@@ -114,7 +118,9 @@ def to_messages(record: Record) -> tuple[list[dict], bool]:
     def text(key):
         value = f.get(key)
         if not isinstance(value, str) or not value.strip():
-            raise UserError(f"{record.origin}: field '{key}' must be a non-empty string")
+            close = [] if key in f else difflib.get_close_matches(key, [k for k in f if k not in KNOWN_FIELDS], n=1)
+            typo = f" (is '{close[0]}' a misspelling of it?)" if close else ""
+            raise UserError(f"{record.origin}: field '{key}' must be a non-empty string{typo}")
         return value
 
     system = [{"role": "system", "content": f["system"]}] if isinstance(f.get("system"), str) else []

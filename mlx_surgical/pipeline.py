@@ -196,6 +196,11 @@ def _train_owned(config: RunConfig, run: RunDir, resume: bool, t_start: float, w
     dtype = training_dtype(config.model.dtype)
     if dtype != config.model.dtype:
         log(f"model.dtype auto: training in {dtype}, the fast dtype on MLX's CPU backend")
+    # Read (and check) the data before the model: a bad data file is reported in a second, not
+    # after loading gigabytes.
+    records = {split: split_records(config.data, split) for split in ("train", "valid")}
+    if config.eval.enabled:
+        read_examples(records["valid"], config.eval.samples)
     with working(f"loading {config.model.path}", enabled=progress not in (False, "off")):
         loaded = load_model(config.model.path, config.model.revision, dtype)
     trained_on = AdapterConfig.read(run_dir).base if resume and run.adapter_config.exists() else None
@@ -206,9 +211,7 @@ def _train_owned(config: RunConfig, run: RunDir, resume: bool, t_start: float, w
     if problems:
         raise UserError(*problems)
     fmt = PromptFormat.for_data(loaded.tokenizer, config.data)
-    train_data, valid_data = encode_split(config, fmt, "train"), encode_split(config, fmt, "valid")
-    if config.eval.enabled:  # bad eval data is reported now, not after an hour of training
-        read_examples(split_records(config.data, "valid"), config.eval.samples)
+    train_data, valid_data = (encode_split(config, fmt, split, records[split]) for split in ("train", "valid"))
     for line in train_data.report_lines("train") + valid_data.report_lines("valid"):
         log(line)
     current_hash = data_hash(config)

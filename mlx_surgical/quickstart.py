@@ -13,8 +13,10 @@ from .callbacks import ProgressStyle
 from .config import OutputConfig, RunConfig, load_config, preset_path
 from .console import command_line, printable
 from .convert import convert_model
+from .convert.gguf import tokenizer_reader_problem
 from .convert.smollm2 import fetch_smollm2
 from .data import read_records, sample_path, to_messages
+from .errors import UserError
 from .eval.heldout import combine, example_losses
 from .generate import compare_answers
 from .model import model_shape
@@ -90,6 +92,8 @@ def ensure_real_model(model_dir: str | Path, log: Callable[[str], None] = print)
     if (model_dir / "config.json").exists():
         log(f"using SmolLM2-135M-Instruct in {model_dir}")
         return model_dir
+    if problem := tokenizer_reader_problem("SmolLM2-135M-Instruct.Q4_1.gguf"):  # before a 93 MB download
+        raise UserError(problem)
     gguf_path = fetch_smollm2(log=log)
     return convert_model(str(gguf_path), model_dir, bits=None, dtype="float32", log=log)
 

@@ -118,6 +118,8 @@ def verify(root: str | Path, name: str, model_path: Optional[str] = None) -> lis
         raise UserError(*problems, *e.problems) from None
     shape = local_shape(Path(model_path)) if model_path else adapter.config.base_shape()
     base = model_path or adapter.config.base_model
+    if mismatch := adapter.config.base_mismatch(shape, base, run_dir):
+        problems.append(mismatch)
     problems += adapter.fit_problems(shape, base)
     if problems:
         raise UserError(*problems)

@@ -58,7 +58,9 @@ def require_directory(path: str | Path) -> Path:
     that lists the runs where it was looked for."""
     path = Path(path)
     if not path.is_dir():
-        root = path.parent
+        if (Path(OutputConfig.dir) / path).is_dir():  # a run's name, as `adapters show` takes it
+            raise UserError(f"{path}: no such directory; did you mean {Path(OutputConfig.dir) / path}?")
+        root = Path(OutputConfig.dir) if path.parent == Path(".") else path.parent
         listing = (command_line("mlx-surgical", "adapters", "list") if root == Path(OutputConfig.dir)
                    else command_line("mlx-surgical", "adapters", "--root", root, "list"))
         raise UserError(f"{path}: no such directory; `{listing}` shows the runs in {root}")

@@ -216,7 +216,9 @@ def choose_path(model, shape: ModelShape, dtype: str, grad_checkpoint: bool, fas
     elif cached and ComputePath(**cached["path"]) in allowed:
         choice = PathChoice(ComputePath(**cached["path"]), "cached", cached["seconds_per_step"])
     else:
-        log(f"measuring {len(allowed)} compute paths on this CPU ({cpu_description()}); once per model shape")
+        # The paths, then the fastest of them paired (measure): one more where pairing may be chosen.
+        count = len(options) + (len(pairings) > 1)
+        log(f"measuring {count} compute paths on this CPU ({cpu_description()}); once per model shape")
         fastest, timings = measure(model, loss_for, options, pairings, batches)
         choice = PathChoice(fastest, "measured", {p.describe(): s for p, s in timings.items()})
         choices = cached_choices()

@@ -117,6 +117,9 @@ def test_every_suggested_command_pastes_into_bash(make_config, tmp_path, pasted)
     (["convert", "./nope.gguf"], "SOURCE: ./nope.gguf does not exist; give a Hugging Face repo id"),
     (["eval", "adapters/nope"], "adapters/nope: no such directory; `mlx-surgical adapters list` shows the runs"),
     (["export", "adapters/nope", "--format", "peft"], "adapters/nope: no such directory"),
+    (["eval", "mine"], "mine: no such directory; did you mean adapters/mine?"),
+    (["export", "nope", "--format", "peft"], "nope: no such directory; `mlx-surgical adapters list` shows the runs in "
+                                             "adapters"),
     (["train", "--resume", "runs/nope"], "runs/nope: no such directory; `mlx-surgical adapters --root runs list`"),
     (["generate", "--model", "models/nope", "hi"], "--model: the model folder models/nope does not exist; create it"),
     (["train", "held_out.jsonl"], "held_out.jsonl: a .jsonl file holds examples, not a run config"),
@@ -124,6 +127,7 @@ def test_every_suggested_command_pastes_into_bash(make_config, tmp_path, pasted)
 def test_a_mistyped_path_says_what_is_missing_and_what_to_run(tmp_path, monkeypatch, argv, expected):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "held_out.jsonl").write_text('{"instruction": "a", "response": "b"}\n')
+    (tmp_path / "adapters" / "mine").mkdir(parents=True)
     result = CliRunner().invoke(cli, argv)
     assert result.exit_code == 2, result.output
     assert result.output.startswith(f"error: {expected}") or f"\nerror: {expected}" in result.output, result.output
@@ -179,3 +183,11 @@ def test_tiny_model_options_default_to_the_tiny_shape():
     defaults = {p.name: p.default for p in cli.commands["tiny-model"].params}
     assert {k: v for k, v in asdict(TinyShape()).items() if k in defaults} == {
         k: v for k, v in defaults.items() if k not in ("out_dir", "seed")}
+
+
+def test_serve_without_the_server_extra_names_the_command_that_installs_it():
+    hide_fastapi = ("import sys; sys.modules['fastapi'] = None; from mlx_surgical.cli import cli; "
+                    "cli(sys.argv[1:], prog_name='mlx-surgical')")
+    result = subprocess.run([sys.executable, "-c", hide_fastapi, "serve"], capture_output=True, text=True)
+    assert result.returncode == 2 and "error: serve needs the server extra (fastapi is missing)" in result.stderr
+    assert 'pip install -e ".[server]"' in result.stderr and "Traceback" not in result.stderr

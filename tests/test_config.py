@@ -57,7 +57,13 @@ def test_malformed_json_names_file_line_and_column(tmp_path):
 def test_data_paths_are_relative_to_the_config_file(tmp_path):
     (tmp_path / "sub").mkdir()
     path = tmp_path / "sub" / "c.json"
-    path.write_text(json.dumps({"model": {"path": "m"}, "data": {"train": "train.jsonl"}}))
+    path.write_text(json.dumps({"model": {"path": "m"}, "data": {"train": "train.jsonl", "valid": "valid.jsonl"}}))
+    (tmp_path / "sub" / "train.jsonl").write_text("")
+    with pytest.raises(UserError) as missing:  # reported with every other problem, before anything reads it
+        load_config(path)
+    assert missing.value.problems == [f"{path}: data.valid: {tmp_path / 'sub' / 'valid.jsonl'}: data file not found "
+                                      "(a relative path is taken from the config file's folder)"]
+    (tmp_path / "sub" / "valid.jsonl").write_text("")
     assert load_config(path).data.train == str(tmp_path / "sub" / "train.jsonl")
 
 
@@ -110,6 +116,15 @@ def test_eval_settings_get_the_same_number_checks_as_training():
     assert "eval.timeout_seconds: must be a finite number" in found
     assert "eval.memory_mb: must be below 2^31" in found
     assert "eval.temperature: must be a finite number" in found
+
+
+def test_a_missing_data_file_is_reported_with_a_mistyped_key(tmp_path):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"model": {"path": "m"}, "data": {"train": "nope.jsonl"},
+                                "training": {"learnig_rate": 1e-4}}))
+    with pytest.raises(UserError) as refused:
+        load_config(path)
+    assert [p.split(": ")[1] for p in refused.value.problems] == ["training.learnig_rate", "data.train"]
 
 
 def test_data_file_names_are_checked_with_everything_else():

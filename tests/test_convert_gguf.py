@@ -6,7 +6,10 @@ dequantizes and undoes llama.cpp's q/k permutation independently of our code."""
 
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import gguf
@@ -336,3 +339,16 @@ def test_files_quantized_by_llama_cpp_convert_like_transformers_reads_them(tmp_p
 
 def relative_rms_error(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.sqrt(np.mean((a - b) ** 2) / np.mean(b ** 2)))
+
+
+def test_without_pytorch_a_gguf_is_refused_naming_the_extra_before_anything_is_written(tiny_gguf, tmp_path):
+    # transformers' GGUF tokenizer reader imports torch; a module set to None cannot be imported.
+    hide_torch = ("import sys; sys.modules['torch'] = None; from mlx_surgical.cli import cli; "
+                  "cli(sys.argv[1:], prog_name='mlx-surgical')")
+    for argv in (["convert", str(tiny_gguf("F32")), "--out", str(tmp_path / "out")],
+                 ["quickstart", "--real", "--model-dir", str(tmp_path / "smollm2"), "--out", str(tmp_path / "runs")]):
+        result = subprocess.run([sys.executable, "-c", hide_torch, *argv], capture_output=True, text=True,
+                                env={**os.environ, "MLX_SURGICAL_CACHE": str(tmp_path / "cache")})
+        assert result.returncode == 2, result.stderr
+        assert "converting a GGUF needs PyTorch" in result.stderr and 'pip install -e ".[gguf]"' in result.stderr
+        assert "Traceback" not in result.stderr and not list(tmp_path.glob("*/*"))

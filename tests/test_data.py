@@ -3,7 +3,7 @@ import json
 import pytest
 
 from mlx_surgical.batches import BatchStream, bucket, collate
-from mlx_surgical.data import inline_records, read_records, sample_path, to_messages
+from mlx_surgical.data import Record, inline_records, read_records, record_problems, sample_path, to_messages
 from mlx_surgical.errors import UserError
 from mlx_surgical.model import load_tokenizer
 from mlx_surgical.prompt import PromptFormat, encode_records
@@ -195,3 +195,10 @@ def test_a_chat_template_that_refuses_the_turns_names_the_example(tiny_model):
     with pytest.raises(UserError, match=r"x\[0\]: the model's chat template refuses these messages "
                                         r"\(Conversation roles must alternate"):
         encode_records(inline_records([{"messages": turns}], "x"), PromptFormat(tokenizer), 512, "error", True)
+
+
+def test_a_misspelled_field_is_named_beside_the_missing_one():
+    problems = record_problems(Record({"instruction": "a", "respnse": "b"}, "x.jsonl:3"), None)
+    assert problems == ["x.jsonl:3: field 'response' must be a non-empty string (is 'respnse' a misspelling of it?)"]
+    assert record_problems(Record({"instruction": "a", "concept": "b"}, "x.jsonl:4"), None) == [
+        "x.jsonl:4: field 'response' must be a non-empty string"]

@@ -43,11 +43,13 @@ def test_list_show_verify_remove(trained_run, tmp_path):
     assert missing.exit_code == 2 and "not found" in missing.output
 
 
-def test_verify_catches_tampering_and_a_wrong_base(trained_run, other_tiny_model, tmp_path):
+def test_verify_catches_tampering_and_a_wrong_base(trained_run, tiny_model, other_tiny_model, tmp_path):
     root, run_dir = copy_run(trained_run, tmp_path)
     wrong = run("adapters", "--root", str(root), "verify", run_dir.name, "--model", str(other_tiny_model))
     assert wrong.exit_code == 2
     assert "needs A (128, 8)" in wrong.output and str(other_tiny_model) in wrong.output
+    assert (f"this adapter was trained on {tiny_model} (llama 2 layers x hidden 64" in wrong.output
+            and f"not on {other_tiny_model} (llama 3 layers x hidden 128" in wrong.output), wrong.output
 
     data = bytearray((run_dir / "adapters.safetensors").read_bytes())
     data[-1] ^= 0xFF

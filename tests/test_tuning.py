@@ -40,9 +40,9 @@ def prepared(tiny_model, quantize=False):
     return loaded, [stream.batch(i) for i in range(2)]
 
 
-def choose(loaded, batches, cpu_math="auto", quantized="auto", pairings=(False,)):
+def choose(loaded, batches, cpu_math="auto", quantized="auto", pairings=(False,), log=lambda _: None):
     return choose_path(loaded.model, loaded.shape, "float32", False, cpu_math, quantized,
-                       lambda path: training_loss(loaded.model, False, path.fast_math), batches, log=lambda _: None,
+                       lambda path: training_loss(loaded.model, False, path.fast_math), batches, log=log,
                        pairings=pairings)
 
 
@@ -76,9 +76,11 @@ def test_pairing_is_measured_on_the_fastest_path_and_can_be_forced(tiny_model, c
     assert pairing_options("auto", 4, 1) == ((False, True) if can_pair else (False,))
     assert pairing_options("auto", 1, 1) == pairing_options("on", 4, 2) == pairing_options("off", 4, 1) == (False,)
     loaded, batches = prepared(tiny_model)
-    choice = choose(loaded, batches, pairings=(False, True))
+    said = []
+    choice = choose(loaded, batches, pairings=(False, True), log=said.append)
     unpaired = min(("MLX ops", "fast math"), key=choice.seconds_per_step.get)
     assert set(choice.seconds_per_step) == {"MLX ops", "fast math", f"{unpaired}, paired micro-batches"}
+    assert said[0].startswith("measuring 3 compute paths on this CPU")
     assert choice.seconds_per_step[choice.path.describe()] == min(choice.seconds_per_step.values())
     assert choose(loaded, batches, pairings=(False, True)).how == "cached"
     # Runs that cannot pair keep their own measured choice.

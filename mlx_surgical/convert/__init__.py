@@ -43,6 +43,8 @@ def convert_model(source: str, out: Optional[str | Path] = None, bits: Optional[
                         f"or {ollama.PREFIX}NAME")
     if kind != "hf" and revision:
         raise UserError(f"--revision: applies to Hugging Face repo ids, not to {source}")
+    if kind != "hf" and (problem := gguf.tokenizer_reader_problem(source)):
+        raise UserError(problem)
     model = ollama.find_model(source[len(ollama.PREFIX):]) if kind == "ollama" else None
     chosen_dtype = dtype or default_convert_dtype()
     if out is None:

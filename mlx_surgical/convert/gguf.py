@@ -17,6 +17,7 @@ K-quants) is dequantized by the gguf package, cast to `dtype` and, with `bits`, 
 like a Hugging Face source. The file is read through a memory map, one tensor at a time.
 """
 
+import importlib.util
 from collections import Counter
 from pathlib import Path
 from typing import Optional
@@ -218,6 +219,15 @@ def quantization_config(quantized: dict[str, dict]) -> dict:
     (group_size, bits), _ = counts.most_common(1)[0]
     return {"group_size": group_size, "bits": bits,
             **{m: q for m, q in sorted(quantized.items()) if (q["group_size"], q["bits"]) != (group_size, bits)}}
+
+
+def tokenizer_reader_problem(source: str) -> Optional[str]:
+    """Why a GGUF's tokenizer cannot be built here: transformers reads it with a module that
+    imports PyTorch, which mlx-surgical itself does not need."""
+    if importlib.util.find_spec("torch") is None:
+        return (f"{source}: converting a GGUF needs PyTorch (transformers' GGUF tokenizer reader imports it); "
+                "install it with `pip install -e \".[gguf]\"` in the mlx_surgical checkout (PyTorch's CPU build)")
+    return None
 
 
 def save_tokenizer(path: Path, out: Path, reader) -> None:

