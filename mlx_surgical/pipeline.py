@@ -34,8 +34,8 @@ from .eval.examples import read_examples
 from .eval.report import format_table
 from .files import write_text_atomic
 from .loss import training_loss
-from .model import (inspect_model_dir, is_local, load_model, load_tokenizer, local_model_dir, looks_like_local_path,
-                    model_shape)
+from .model import (LoadedModel, inspect_model_dir, is_local, load_model, load_tokenizer, local_model_dir,
+                    looks_like_local_path, model_shape)
 from .prompt import EncodedData, PromptFormat, encode_records
 from .rundir import (FINISHED, BestInfo, DataInfo, FinalInfo, RunDir, RunInfo, claim_run,
                      default_run_name, load_run_config, now, output_location_problems, output_problems)
@@ -181,14 +181,19 @@ def train_run(config: RunConfig, config_name: str = "run", resume_dir: Optional[
             claim.release()
 
 
-def _train_owned(config: RunConfig, run: RunDir, resume: bool, t_start: float, world, progress: ProgressStyle | bool,
-                 log: Callable[[str], None], callbacks: tuple, stop_flag: Optional[StopFlag], speed_warnings: bool,
-                 learning_rate: Optional[float]) -> RunResult:
-    """train_run, once this process owns the run directory."""
-    ranks, primary = world.size(), world.rank() == 0
-    run_dir = run.path
-    info = RunInfo.load(run_dir) if resume else RunInfo(name=run_dir.name)
+@dataclass
+class _Inputs:
+    loaded: LoadedModel
+    fmt: PromptFormat
+    train: EncodedData
+    valid: EncodedData
+    data_hash: str
 
+
+def _load_inputs(config: RunConfig, run: RunDir, resumed: Optional[RunInfo], progress: ProgressStyle | bool,
+                 log: Callable[[str], None], speed_warnings: bool) -> _Inputs:
+    """The model and the encoded data, checked (against the run's record when `resumed`)
+    before anything is written."""
     if speed_warnings:
         for warning in slow_path_warnings(config, model_shape(config.model.path, config.model.revision,
                                                               download=True)):
@@ -203,9 +208,9 @@ def _train_owned(config: RunConfig, run: RunDir, resume: bool, t_start: float, w
         read_examples(records["valid"], config.eval.samples)
     with working(f"loading {config.model.path}", enabled=progress not in (False, "off")):
         loaded = load_model(config.model.path, config.model.revision, dtype)
-    trained_on = AdapterConfig.read(run_dir).base if resume and run.adapter_config.exists() else None
+    trained_on = AdapterConfig.read(run.path).base if resumed and run.adapter_config.exists() else None
     if trained_on is not None and trained_on.fingerprint != loaded.shape.fingerprint():
-        raise UserError(f"{run_dir}: this run was trained on {trained_on.path} ({trained_on.shape}), but "
+        raise UserError(f"{run.path}: this run was trained on {trained_on.path} ({trained_on.shape}), but "
                         f"{config.model.path} is now {loaded.shape.describe()}; resume needs the same base model")
     problems = lora_problems(config.lora, loaded.shape, config.model.path)
     if problems:
@@ -215,9 +220,22 @@ def _train_owned(config: RunConfig, run: RunDir, resume: bool, t_start: float, w
     for line in train_data.report_lines("train") + valid_data.report_lines("valid"):
         log(line)
     current_hash = data_hash(config)
-    if resume and info.data is not None and info.data.hash != current_hash:
-        raise UserError(f"{run_dir}: the training data changed since this run started; "
+    if resumed and resumed.data is not None and resumed.data.hash != current_hash:
+        raise UserError(f"{run.path}: the training data changed since this run started; "
                         "resume needs the same examples (or start a new run)")
+    return _Inputs(loaded, fmt, train_data, valid_data, current_hash)
+
+
+def _train_owned(config: RunConfig, run: RunDir, resume: bool, t_start: float, world, progress: ProgressStyle | bool,
+                 log: Callable[[str], None], callbacks: tuple, stop_flag: Optional[StopFlag], speed_warnings: bool,
+                 learning_rate: Optional[float]) -> RunResult:
+    """train_run, once this process owns the run directory."""
+    ranks, primary = world.size(), world.rank() == 0
+    run_dir = run.path
+    info = RunInfo.load(run_dir) if resume else RunInfo(name=run_dir.name)
+
+    inputs = _load_inputs(config, run, info if resume else None, progress, log, speed_warnings)
+    loaded, fmt, train_data, valid_data = inputs.loaded, inputs.fmt, inputs.train, inputs.valid
 
     t = config.training
     schedule = schedule_for(len(train_data.samples), t)
@@ -258,7 +276,7 @@ def _train_owned(config: RunConfig, run: RunDir, resume: bool, t_start: float, w
 
     info.status = "running"
     info.error = None
-    info.data = DataInfo(current_hash, len(train_data.samples), len(valid_data.samples), train_data.tokens,
+    info.data = DataInfo(inputs.data_hash, len(train_data.samples), len(valid_data.samples), train_data.tokens,
                          train_data.truncated, train_data.skipped)
     info.trainable_parameters = trainable
     info.schedule = schedule.to_dict()
