@@ -138,8 +138,13 @@ def find_openblas() -> Optional[str]:
     return next((p for p in OPENBLAS_CANDIDATES if Path(p).exists()), None)
 
 
+def preloaded_openblas() -> Optional[str]:
+    """The OpenBLAS library in LD_PRELOAD (as `ensure_fast_blas` puts it there), or None."""
+    return next((p for p in os.environ.get("LD_PRELOAD", "").split() if "openblas" in p), None)
+
+
 def openblas_preloaded() -> bool:
-    return "openblas" in os.environ.get("LD_PRELOAD", "")
+    return preloaded_openblas() is not None
 
 
 def _cuda_wheel_installed() -> bool:
@@ -419,9 +424,8 @@ def openblas_kernels() -> str:
     its speed: on an AMD Zen 5, sgemm ran at 223-249 GFLOP/s with the AVX2 "Haswell" set that an
     OPENBLAS_CORETYPE setting forced and at 360-490 with the AVX-512 "Cooperlake" set OpenBLAS
     chose itself. A forced set is kept: it is how a machine avoids a set that is wrong on its CPU."""
-    library = next((p for p in os.environ.get("LD_PRELOAD", "").split() if "openblas" in p), "")
     try:
-        corename = ctypes.CDLL(library).openblas_get_corename
+        corename = ctypes.CDLL(preloaded_openblas() or "").openblas_get_corename
     except (OSError, AttributeError):
         return "kernel set unknown"
     corename.restype = ctypes.c_char_p

@@ -10,7 +10,9 @@ run's numbers.
 import copy
 import sys
 import tempfile
+import textwrap
 from dataclasses import replace
+from itertools import zip_longest
 from typing import Callable, Optional
 
 from .adapter import adapted_layer_count
@@ -222,6 +224,9 @@ def does_not_fit_advice(plan: dict) -> str:
     return "; ".join(advice)
 
 
+COMPARE_COLUMN = 44  # with the labels, two columns of a comparison fit 120 characters
+
+
 def format_plan(plan: dict, other: Optional[dict] = None, names: tuple[str, str] = ("", "")) -> str:
     """Human-readable plan; with `other`, the two side by side."""
     def rows(p: dict) -> list[tuple[str, str]]:
@@ -233,7 +238,8 @@ def format_plan(plan: dict, other: Optional[dict] = None, names: tuple[str, str]
             ("model", f"{p['model']['path']} ({p['model']['from']})"),
             ("shape", p["model"]["shape"]),
             ("LoRA", f"rank {p['lora']['rank']}, alpha {p['lora']['alpha']:g} (scale {p['lora']['scale']:g}), "
-                     f"{'/'.join(p['lora']['target_modules'])}, {p['lora']['layers']} layers"),
+                     f"{'/'.join(m.removesuffix('_proj') for m in p['lora']['target_modules'])} projections, "
+                     f"{p['lora']['layers']} layers"),
             ("trainable parameters", f"{p['trainable_parameters']:,} ({100 * p['trainable_share']:.3f}% of "
                                      f"{p['model']['parameters']:,})"),
             ("adapter size", f"{p['adapter_size_bytes']['float32'] / 1e6:.1f} MB float32, "
@@ -269,6 +275,10 @@ def format_plan(plan: dict, other: Optional[dict] = None, names: tuple[str, str]
         return "\n".join(f"{k:<{width}}  {v}" for k, v in left)
     right = dict(rows(other))
     width = max(len(k) for k, _ in left)
-    col = max(len(v) for _, v in left)
-    header = f"{'':<{width}}  {names[0]:<{col}}  {names[1]}"
-    return "\n".join([header] + [f"{k:<{width}}  {v:<{col}}  {right[k]}" for k, v in left])
+    lines = [f"{'':<{width}}  {names[0]:<{COMPARE_COLUMN}}  {names[1]}"]
+    for key, value in left:  # each value wrapped in its column, so the table fits a terminal
+        wrapped = zip_longest(*(textwrap.wrap(v, COMPARE_COLUMN, break_on_hyphens=False) for v in (value, right[key])),
+                              fillvalue="")
+        lines += [f"{key if i == 0 else '':<{width}}  {a:<{COMPARE_COLUMN}}  {b}".rstrip()
+                  for i, (a, b) in enumerate(wrapped)]
+    return "\n".join(lines)

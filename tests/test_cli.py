@@ -64,7 +64,7 @@ def test_validate_checks_data_without_weights(tiny_model, tmp_path):
     assert "train: 1 example\n" in result.output and "schedule: 1 optimizer update\n" in result.output
 
 
-def test_every_suggested_command_pastes_into_bash(make_config, tmp_path, pasted):
+def test_every_suggested_command_pastes_into_bash(make_config, tmp_path, pasted, monkeypatch):
     """Each command we print, for paths with quotes, spaces, $, backticks and backslashes,
     reaches the program with exactly the intended arguments."""
     from conftest import AWKWARD_NAME
@@ -99,6 +99,9 @@ def test_every_suggested_command_pastes_into_bash(make_config, tmp_path, pasted)
         ["mlx_lm.generate", "--model", str(model_dir), "--adapter-path", str(run_dir), "--prompt",
          f"[INST] {TRY_PROMPT} [/INST]"],
         ["mlx-surgical", "export", str(run_dir), "--format", "peft"]]
+    # mlx-lm is pointed to the OpenBLAS that mlx-surgical preloads.
+    monkeypatch.setenv("LD_PRELOAD", "/opt/blas/libopenblas.so.0")
+    assert result.suggested_commands()[1][:3] == ["env", "LD_PRELOAD=/opt/blas/libopenblas.so.0", "mlx_lm.generate"]
 
     # The conversion a quantized base on the CPU is pointed to.
     if on_cpu_backend():

@@ -87,6 +87,10 @@ def test_plan_for_codellama_7b_before_download():
     memory = plan["memory"]
     assert 3.0 < memory["base_weights_gb"] < 4.5  # 4-bit CodeLlama-7B is about 3.8 GB
     assert memory["activations_checkpointed_gb"] < memory["activations_gb"]
+    nuclear = plan_run(config_from_dict(inline_config("nuclear", 116)))
+    table = format_plan(plan, nuclear, ("surgical", "nuclear")).splitlines()
+    assert max(map(len, table)) <= 120 and "q/k/v/o/gate/up/down projections" in "\n".join(table)
+    assert len(table) > len(format_plan(plan).splitlines())  # long values wrap within their column
     unquantized = inline_config("surgical", 116, "codellama/CodeLlama-7b-Instruct-hf")
     auto = plan_run(config_from_dict(unquantized))
     unquantized["model"]["dtype"] = "float16"
