@@ -227,8 +227,10 @@ def _unknown_key(where: str, key: str, known) -> str:
 
 
 def config_from_dict(raw: Any, source: str = "config", base_dir: Optional[Path] = None) -> RunConfig:
-    """Build a RunConfig from parsed JSON, reporting every problem at once; with `base_dir`
-    (relative data paths are taken from there), data files that do not exist are among them."""
+    """Build a RunConfig from parsed JSON, reporting every problem at once. With `base_dir`
+    (relative data paths are taken from there), data files that do not exist are named among
+    the other problems; alone, they are left to the stage that reads the data, which reports
+    them with the model's problems."""
     if not isinstance(raw, dict):
         examples = " (a list of examples belongs in data.train as a file, or in data.examples)" \
             if isinstance(raw, list) else ""
@@ -248,10 +250,8 @@ def config_from_dict(raw: Any, source: str = "config", base_dir: Optional[Path] 
         sections[key] = section_from_dict(key, value, source, problems)
     config = RunConfig(description=description, **sections)
     problems += value_problems(config, source)
-    if base_dir is not None:
-        problems += missing_data_files(config, source, base_dir)
     if problems:
-        raise UserError(*problems)
+        raise UserError(*problems, *(missing_data_files(config, source, base_dir) if base_dir is not None else []))
     return config
 
 

@@ -194,6 +194,11 @@ def _load_inputs(config: RunConfig, run: RunDir, resumed: Optional[RunInfo], pro
                  log: Callable[[str], None], speed_warnings: bool) -> _Inputs:
     """The model and the encoded data, checked (against the run's record when `resumed`)
     before anything is written."""
+    # Read (and check) the data before the model: a bad data file is reported in a second, not
+    # after downloading or loading gigabytes.
+    records = {split: split_records(config.data, split) for split in ("train", "valid")}
+    if config.eval.enabled:
+        read_examples(records["valid"], config.eval.samples)
     if speed_warnings:
         for warning in slow_path_warnings(config, model_shape(config.model.path, config.model.revision,
                                                               download=True)):
@@ -201,11 +206,6 @@ def _load_inputs(config: RunConfig, run: RunDir, resumed: Optional[RunInfo], pro
     dtype = training_dtype(config.model.dtype)
     if dtype != config.model.dtype:
         log(f"model.dtype auto: training in {dtype}, the fast dtype on MLX's CPU backend")
-    # Read (and check) the data before the model: a bad data file is reported in a second, not
-    # after loading gigabytes.
-    records = {split: split_records(config.data, split) for split in ("train", "valid")}
-    if config.eval.enabled:
-        read_examples(records["valid"], config.eval.samples)
     with working(f"loading {config.model.path}", enabled=progress not in (False, "off")):
         loaded = load_model(config.model.path, config.model.revision, dtype)
     trained_on = AdapterConfig.read(run.path).base if resumed and run.adapter_config.exists() else None

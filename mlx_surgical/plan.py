@@ -277,8 +277,8 @@ def format_plan(plan: dict, other: Optional[dict] = None, names: tuple[str, str]
     width = max(len(k) for k, _ in left)
     lines = [f"{'':<{width}}  {names[0]:<{COMPARE_COLUMN}}  {names[1]}"]
     for key, value in left:  # each value wrapped in its column, so the table fits a terminal
-        wrapped = zip_longest(*(textwrap.wrap(v, COMPARE_COLUMN, break_on_hyphens=False) for v in (value, right[key])),
-                              fillvalue="")
+        wrapped = zip_longest(*(textwrap.wrap(v, COMPARE_COLUMN, break_on_hyphens=False) or [""]
+                                for v in (value, right[key])), fillvalue="")
         lines += [f"{key if i == 0 else '':<{width}}  {a:<{COMPARE_COLUMN}}  {b}".rstrip()
                   for i, (a, b) in enumerate(wrapped)]
     return "\n".join(lines)

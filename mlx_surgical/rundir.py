@@ -245,6 +245,7 @@ class RunInfo:
         """The record of a run, also of run directories written by earlier versions; a run
         without run.json (an exported adapter) gets a record named after its folder."""
         raw = read_json_or_empty(RunDir(Path(run_dir)).info)
+        raw.pop("base_model", None)  # kept by earlier versions; the base is recorded in adapter_config.json
         known = {f.name for f in fields(cls)} - {"extra"}
         values = {k: v for k, v in raw.items() if k in known}
         for key, record in _NESTED.items():

@@ -63,6 +63,13 @@ def test_validate_checks_data_without_weights(tiny_model, tmp_path):
     assert result.exit_code == 0, result.output
     assert "train: 1 example\n" in result.output and "schedule: 1 optimizer update\n" in result.output
 
+    # A missing data file and a missing model folder, reported together.
+    config.write_text('{"model": {"path": "%s"}, "data": {"train": "gone.jsonl"}}' % (tmp_path / "no-model"))
+    result = CliRunner().invoke(cli, ["validate", str(config)])
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert result.exit_code == 2 and len(errors) == 2, result.output
+    assert any("gone.jsonl" in e for e in errors) and any("no-model" in e for e in errors), result.output
+
 
 def test_every_suggested_command_pastes_into_bash(make_config, tmp_path, pasted, monkeypatch):
     """Each command we print, for paths with quotes, spaces, $, backticks and backslashes,

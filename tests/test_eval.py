@@ -269,3 +269,11 @@ def test_eval_from_another_folder_finds_a_base_the_config_named_by_a_relative_pa
     result = CliRunner().invoke(cli, ["eval", str(run_dir), "--samples", "0"])
     assert result.exit_code == 0, result.output
     assert json.loads((run_dir / "eval.json").read_text())["base_model"] == str(work / "models" / "tiny")
+
+    # An adapter config that records no base (edited by hand, or mlx-lm's own): the run's config names it.
+    monkeypatch.chdir(work)
+    adapter_config = json.loads((run_dir / "adapter_config.json").read_text())
+    (run_dir / "adapter_config.json").write_text(json.dumps({**adapter_config, "base_model": None}))
+    result = CliRunner().invoke(cli, ["eval", str(run_dir), "--samples", "0"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((run_dir / "eval.json").read_text())["base_model"] == "models/tiny"

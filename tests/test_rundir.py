@@ -147,6 +147,9 @@ def test_run_directory_from_the_previous_layout_still_loads(tiny_model, tmp_path
     resumed = resume_run(run_dir, progress=False, log=lambda _: None)
     assert resumed.status == "succeeded" and resumed.updates == 4
     assert resumed.first_loss == json.loads(RunDir(run_dir).metrics.read_text().splitlines()[0])["loss"]
+    # Its run.json's copy of the base-model record is dropped: adapter_config.json holds the one in force.
+    assert "base_model" in json.loads((OLD_RUN / "run.json").read_text())
+    assert "base_model" not in json.loads(RunDir(run_dir).info.read_text())
 
 
 def test_cli_shows_an_old_run(tmp_path):

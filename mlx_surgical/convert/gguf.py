@@ -226,7 +226,7 @@ def tokenizer_reader_problem(source: str) -> Optional[str]:
     imports PyTorch, which mlx-surgical itself does not need."""
     if importlib.util.find_spec("torch") is None:
         return (f"{source}: converting a GGUF needs PyTorch (transformers' GGUF tokenizer reader imports it); "
-                "install it with `pip install -e \".[gguf]\"` in the mlx_surgical checkout (PyTorch's CPU build)")
+                "install it with `pip install -e \".[gguf]\"` in the mlx_surgical checkout")
     return None
 
 

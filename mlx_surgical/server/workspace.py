@@ -26,7 +26,7 @@ def prepare_config(raw: dict, store: JobStore) -> tuple[RunConfig, list[str]]:
     Returns it with validate's notes."""
     from ..pipeline import validate_run  # loads MLX, which the server otherwise needs only for /api/health's facts
 
-    config = config_from_dict(raw, source="config")
+    config = config_from_dict(raw, source="config", base_dir=store.workspace)
     problems = [p for name in ("train", "valid") if getattr(config.data, name) is not None
                 and (p := workspace_file(store, getattr(config.data, name), f"config: data.{name}"))]
     if config.output.dir != OutputConfig.dir:
