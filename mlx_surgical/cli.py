@@ -122,15 +122,15 @@ def _load_config_arg(config: str):
 @user_errors
 def train_cmd(config, resume_dir, learning_rate, no_progress):
     """Train a LoRA adapter from a JSON config (or resume a run)."""
-    from .pipeline import resume_run, train_run
-
     if (config is None) == (resume_dir is None):
         raise UserError("give a CONFIG to start a run, or --resume RUN_DIR to continue one")
+    run_config, name = _load_config_arg(config) if config else (None, None)  # a mistake answered before MLX loads
+    from .pipeline import resume_run, train_run
+
     progress = "lines" if no_progress else "auto"
     if resume_dir:
         result = resume_run(Path(resume_dir), progress=progress, learning_rate=learning_rate)
     else:
-        run_config, name = _load_config_arg(config)
         result = train_run(run_config, config_name=name, progress=progress, learning_rate=learning_rate)
     if result.rank != 0:  # under mlx.launch rank 0 reports for all
         return
@@ -142,9 +142,9 @@ def train_cmd(config, resume_dir, learning_rate, no_progress):
 @user_errors
 def validate_cmd(config):
     """Check a config and its data without loading model weights."""
+    run_config, _ = _load_config_arg(config)
     from .pipeline import validate_run
 
-    run_config, _ = _load_config_arg(config)
     for note in validate_run(run_config):
         click.echo(note)
     click.echo(f"{config}: ok")
@@ -221,10 +221,10 @@ def eval_cmd(adapter_dir, model_path, data, samples, temperature, max_tokens, ou
 @user_errors
 def plan_cmd(config, other, as_json, no_probe, ranks):
     """Trainable parameters, adapter size, memory, schedule and time, before a run."""
-    from .plan import format_plan, plan_run
-
     run_config, name = _load_config_arg(config)
     other_config, other_name = _load_config_arg(other) if other else (None, "")  # both read before any probe
+    from .plan import format_plan, plan_run
+
     plan = plan_run(run_config, probe=not no_probe, ranks=ranks)
     other_plan = plan_run(other_config, probe=not no_probe, ranks=ranks) if other else None
     if as_json:

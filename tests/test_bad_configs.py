@@ -154,3 +154,23 @@ def test_export_of_a_damaged_adapter_is_one_clear_line(trained_run, tmp_path):
         (damaged / "adapter_config.json").write_text(json.dumps(broken))
         result = CliRunner().invoke(cli, ["export", str(damaged), "--format", "peft"])
         assert result.exit_code == 2 and "adapter_config.json: not a LoRA adapter config" in result.output, result.output
+
+
+def test_a_config_mistake_is_answered_before_mlx_loads(tmp_path):
+    """Reading the config takes a fraction of a second; importing MLX, mlx-lm and transformers
+    several seconds: a mistyped key is answered first."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model": {"path": "models/x"}, "data": {"train": "train.jsonl"},
+                                  "training": {"lerning_rate": 1e-4}}))
+    script = textwrap.dedent(f"""
+        import sys
+        from click.testing import CliRunner
+        from mlx_surgical.cli import cli
+        for command in (["train"], ["validate"], ["plan"], ["plan", "tiny", "--compare"]):
+            result = CliRunner().invoke(cli, [*command, {str(config)!r}])
+            assert result.exit_code == 2 and "training.lerning_rate" in result.output, (command, result.output)
+        print(" ".join(sorted(m for m in sys.modules if m.split(".")[0] in ("mlx", "mlx_lm", "transformers"))))
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "", f"imported: {result.stdout}"
