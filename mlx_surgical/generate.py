@@ -49,8 +49,10 @@ def stream_answer(loaded: LoadedModel, fmt: PromptFormat, instruction: str, max_
 
 def complete(loaded: LoadedModel, fmt: PromptFormat, messages: list[dict], max_tokens: int,
              temperature: float = 0.0) -> str:
-    """The whole answer to a conversation, stripped: greedy at temperature 0, else sampled."""
-    return "".join(stream_completion(loaded, fmt.prompt_ids(messages), max_tokens, temperature)).strip()
+    """The whole answer to a conversation without trailing space or leading blank lines: greedy at
+    temperature 0, else sampled. The first line keeps its indentation: an answer that continues a
+    prompt's code (HumanEval's completions) starts inside the function body."""
+    return "".join(stream_completion(loaded, fmt.prompt_ids(messages), max_tokens, temperature)).rstrip().lstrip("\n")
 
 
 def answer(loaded: LoadedModel, fmt: PromptFormat, instruction: str, max_tokens: int) -> str:

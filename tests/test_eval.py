@@ -100,7 +100,6 @@ def test_report_files_and_figures(report):
     assert lists["adapted"]["tokens"] + arithmetic["adapted"]["tokens"] == learned["adapted"]["tokens"]
     total = lists["adapted"]["loss"] * lists["adapted"]["tokens"] + arithmetic["adapted"]["loss"] * arithmetic["adapted"]["tokens"]
     assert total / learned["adapted"]["tokens"] == pytest.approx(learned["adapted"]["loss"])
-    assert concepts["completion"]["works"]["adapted"]["pass@2"] in (0.0, 1.0)
 
     assert [g["origin"] for g in written["generations"]] == [f"{data}:{i}" for i in (1, 2, 3)]
     markdown = (run_dir / "eval.md").read_text()
@@ -153,8 +152,13 @@ def test_candidate_code_is_found_and_run_against_its_tests(tmp_path):
     assert outcome(add, "Sure:\n```python\ndef add(a, b):\n    return a + b\n```\nDone.") == "passed"
     assert outcome(add, "```python\ndef add(a, b):\n    return a - b\n```") == "failed"
     assert outcome(square, "    return x * x\n") == "passed"  # a completion of the prompt's code
+    # The same through a chat template that trims messages (Llama 2's, CodeLlama-Instruct's): the first
+    # line's indentation is gone, or every line's.
+    assert outcome(square, "return x * x") == "passed"
+    assert outcome(square, "y = x * x\n    return y") == outcome(square, "y = x * x\nreturn y") == "passed"
     assert outcome(square, "```py\ndef square(x):\n    return x ** 2\n```") == "passed"
     assert outcome(reverse, "def reverse(items):\n    return items[::-1]") == "passed"  # no fence at all
+    assert outcome(reverse, "  def reverse(items):\n      return items[::-1]") == "passed"  # indented as a whole
     assert outcome(reverse, "def reverse(items):\n    while True: pass") == "timeout"
 
 
@@ -242,6 +246,30 @@ def test_data_accepts_eval_fields_and_a_training_run_ends_with_its_report(tiny_m
     with pytest.raises(UserError, match=r"data.valid_examples\[0\]: no tests to run"):
         train_run(config_from_dict(bad), progress=False, log=lambda _: None)
     assert not (tmp_path / "adapters" / "bad-eval").exists()
+
+
+def test_an_adapter_that_learned_a_solution_passes_its_tests(tiny_model, tmp_path):
+    """The tiny model trained on one problem's answer writes it (a Llama 2 chat template trims its
+    indentation): the report counts that candidate as passing, the base's and the other problem's
+    as failing, overall and per concept."""
+    square, add = PROBLEMS[1], PROBLEMS[0]
+    raw = {"model": {"path": str(tiny_model), "dtype": "float32"},
+           "lora": {"dropout": 0.0, "rank": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                    "gate_proj", "up_proj", "down_proj"]},
+           "data": {"examples": [square] * 8, "valid_examples": [square, add]},
+           "training": {"iters": 32, "batch_size": 4, "grad_accumulation_steps": 1, "learning_rate": 3e-2,
+                        "warmup_steps": 2, "max_seq_length": 256},
+           "eval": {"enabled": True, "samples": 1, "max_tokens": 16, "generations": 1},
+           "output": {"dir": str(tmp_path / "adapters"), "name": "memorised"}}
+    result = train_run(config_from_dict(raw), progress=False, log=lambda _: None)
+    report = json.loads((result.run_dir / "eval.json").read_text())
+    works = report["works"]
+    statuses = {side: [p["statuses"] for p in works["problems_detail"][side]] for side in ("base", "adapted")}
+    assert statuses == {"base": [["failed"], ["failed"]], "adapted": [["passed"], ["failed"]]}, report["generations"]
+    assert works["base"] == {"pass@1": 0.0} and works["adapted"] == {"pass@1": 0.5}
+    assert report["concepts"]["completion"]["works"]["adapted"] == {"pass@1": 1.0}
+    assert report["concepts"]["arithmetic"]["works"]["adapted"] == {"pass@1": 0.5}
+    assert report["learned"]["gain"] > 1.0
 
 
 def test_reference_text_is_a_few_thousand_tokens_of_prose_and_code(report):

@@ -12,6 +12,7 @@ import pytest
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models.rope_utils import initialize_rope
 
+from mlx_surgical import forward
 from mlx_surgical import loss as loss_module
 from mlx_surgical.batches import collate
 from mlx_surgical.config import LoraConfig
@@ -161,9 +162,13 @@ def test_rope_kinds_without_a_table_keep_the_models_module():
 
 
 @pytest.mark.parametrize("fast_math", [True, False])
-def test_dequantized_matmuls_give_the_quantized_paths_loss_and_gradients(model_dir, fast_math):
+def test_dequantized_matmuls_give_the_quantized_paths_loss_and_gradients(model_dir, fast_math, monkeypatch):
     """On a 4-bit base the CPU path that dequantizes frozen weights inside the step computes
-    what MLX's quantized_matmul computes (both use the same 4-bit weights)."""
+    what MLX's quantized_matmul computes (both use the same 4-bit weights), and it is the path
+    that ran: each quantized layer's weight is dequantized, and only when asked."""
+    dequantized, float_weight = [], forward._float_weight
+    monkeypatch.setattr(forward, "_float_weight", lambda layer, dtype: dequantized.append(layer) or
+                        float_weight(layer, dtype))
     model = lora_model(model_dir)
     nn.quantize(model, group_size=32, bits=4, class_predicate=lambda _, m: isinstance(m, (nn.Linear, nn.Embedding))
                 and m.weight.shape[-1] % 32 == 0)
@@ -172,8 +177,13 @@ def test_dequantized_matmuls_give_the_quantized_paths_loss_and_gradients(model_d
     fused = partial(response_cross_entropy, fast_math=fast_math)
     set_dequantized_matmuls(model, False)
     native_loss, _, native_grads = loss_and_grads(model, fused, batch)
+    assert not dequantized
     set_dequantized_matmuls(model, True)
     loss, _, grads = loss_and_grads(model, fused, batch)
+    multiplying = [m for m in quantized_layers(model) if isinstance(m, nn.QuantizedLinear)]
+    if model.args.tie_word_embeddings:  # the embedding as the output head
+        multiplying.append(model.model.embed_tokens)
+    assert {id(layer) for layer in dequantized} == {id(layer) for layer in multiplying}
     assert loss == pytest.approx(native_loss, rel=1e-5)
     for name, g in native_grads.items():
         np.testing.assert_allclose(np.array(grads[name]), np.array(g), atol=1e-4 * float(mx.abs(g).max()),

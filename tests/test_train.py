@@ -54,15 +54,18 @@ def run_updates(tiny_model, batches, accum, updates, paired=False, dropout=0.0, 
 
 
 def test_accumulation_is_exactly_a_larger_batch(tiny_model):
+    """Micro-batches with different numbers of learned tokens: the update divides the summed loss by
+    all of them, as one batch does (averaging each micro-batch's mean would weight them wrongly)."""
     rng = np.random.default_rng(0)
-    samples = [Sample(rng.integers(3, 500, size=48).astype(np.int32), loss_start=12, origin=str(i)) for i in range(8)]
+    samples = [Sample(rng.integers(3, 500, size=30 + 7 * i).astype(np.int32), loss_start=12, origin=str(i))
+               for i in range(8)]
     one_by_four = [collate([s], 512) for s in samples]
     four_at_once = [collate(samples[:4], 512), collate(samples[4:], 512)]
     accumulated = run_updates(tiny_model, one_by_four, accum=4, updates=2)
     batched = run_updates(tiny_model, four_at_once, accum=1, updates=2)
     assert accumulated.keys() == batched.keys()
     for name in batched:
-        np.testing.assert_allclose(accumulated[name], batched[name], atol=2e-6, rtol=1e-5)
+        np.testing.assert_allclose(accumulated[name], batched[name], atol=1e-4, rtol=1e-4)
     untouched = fresh_lora_model(tiny_model)
     assert any(np.abs(batched[k] - v).max() > 1e-4 for k, v in lora_weights(untouched.model).items())
 

@@ -7,6 +7,7 @@ the answer's code. Concepts come from `concept` (a string) or `tags` (a list of 
 """
 
 import re
+import textwrap
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -138,5 +139,21 @@ def extract_code(answer: str, example: EvalExample) -> str:
     code = next((b for b in blocks if defines(b)), blocks[0] if blocks else answer)
     prompt = example.prompt_messages[-1]["content"] if example.prompt_messages else ""
     if entry and not defines(code) and defines(prompt):
-        code = f"{prompt}{code}" if prompt.endswith("\n") else f"{prompt}\n{code}"
-    return code
+        return _continuing(prompt, code)
+    return textwrap.dedent(code)  # a whole answer that starts indented is still a program
+
+
+def _continuing(prompt: str, code: str) -> str:
+    """The prompt's code followed by the answer's. A chat template that trims messages (Llama 2's
+    and CodeLlama-Instruct's do) trains and generates the body's first line without its
+    indentation: a flush-left first line takes the indentation of the prompt's last line."""
+    last = next((line for line in reversed(prompt.splitlines()) if line.strip()), "")
+    indent = last[:len(last) - len(last.lstrip())]
+    lines = code.split("\n")
+    if indent and not lines[0][:1].isspace():
+        rest = [line for line in lines[1:] if line.strip()]
+        # Only the first line lost its indentation, or (no line indented) all of them did.
+        lines = [indent + lines[0], *lines[1:]] if all(line.startswith(indent) for line in rest) else \
+            [indent + line if line.strip() else line for line in lines]
+    code = "\n".join(lines)
+    return f"{prompt}{code}" if prompt.endswith("\n") else f"{prompt}\n{code}"
