@@ -1,8 +1,9 @@
+import dataclasses
 import json
 
 import pytest
 
-from mlx_surgical.config import config_from_dict, help_lines, load_config, preset_names, preset_path
+from mlx_surgical.config import SECTIONS, RunConfig, config_from_dict, help_lines, load_config, preset_names, preset_path
 from mlx_surgical.data import read_records
 from mlx_surgical.errors import UserError
 
@@ -79,8 +80,20 @@ def test_presets_ship_the_documented_recipes():
 
 
 def test_help_lists_every_setting_with_its_default():
-    text = "\n".join(help_lines())
-    assert "[training]" in text and "grad_accumulation_steps = 4" in text
+    """Every field of every section, under its section, with the default a config gets when it
+    leaves the field out, and a help text."""
+    lines = help_lines()
+    defaults = RunConfig()
+    for section, kind in SECTIONS.items():
+        start = lines.index(f"[{section}]")
+        block = lines[start + 1:next((i for i in range(start + 1, len(lines)) if lines[i].startswith("[")), len(lines))]
+        for field in dataclasses.fields(kind):
+            default = getattr(getattr(defaults, section), field.name)
+            entry = next((line for line in block if line.startswith(f"  {field.name} = ")), None)
+            assert entry is not None, f"{section}.{field.name} is not listed"
+            shown, help_text = entry.split("\n      ")
+            assert shown == f"  {field.name} = {json.dumps(default)}" and help_text.strip(), entry
+    assert "  grad_accumulation_steps = 4" in "\n".join(lines)
 
 
 def test_a_config_that_is_not_utf8_names_the_line(tmp_path):

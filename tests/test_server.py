@@ -10,8 +10,10 @@ import time
 import zipfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import free_port
+from safetensors.numpy import load_file
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -124,6 +126,7 @@ def test_queue_stop_and_exact_resume(start_server, tiny_model):
     with server.client() as client:
         long_id = client.post("/api/training/start", json=job_config(tiny_model, "long", iters=120)).json()["id"]
         short_id = client.post("/api/training/start", json=job_config(tiny_model, "short", iters=2)).json()["id"]
+        straight_id = client.post("/api/training/start", json=job_config(tiny_model, "straight", iters=120)).json()["id"]
         wait_for(client, long_id, lambda j: j["state"] == "running" and j["update"] >= 3)
         assert client.get(f"/api/training/jobs/{short_id}").json()["state"] == "queued"
         assert client.get("/api/health").json()["status"] == "busy"
@@ -141,6 +144,14 @@ def test_queue_stop_and_exact_resume(start_server, tiny_model):
         assert updates == list(range(1, 121))
         again = client.post(f"/api/training/jobs/{long_id}/resume")
         assert again.status_code == 409 and "succeeded" in again.json()["problems"][0]
+        straight = wait_for(client, straight_id, lambda j: j["state"] in ("succeeded", "failed"))
+        assert straight["state"] == "succeeded", straight
+    # Stopped and resumed, the run trained the adapter an uninterrupted run of the same config trains.
+    resumed_weights, straight_weights = (load_file(Path(job["run_dir"]) / "adapters.safetensors")
+                                         for job in (done, straight))
+    assert resumed_weights.keys() == straight_weights.keys()
+    for name, weight in straight_weights.items():
+        np.testing.assert_allclose(resumed_weights[name], weight, atol=1e-5, err_msg=name)
 
 
 def test_bad_requests_are_refused_with_every_problem(start_server, tiny_model, tmp_path):
