@@ -5,7 +5,7 @@ preset `quickstart --real` uses.
 
 The suite runs offline (HF_HUB_OFFLINE) and, on Linux, re-executes itself once with
 OpenBLAS preloaded and compiles MLX's kernels exactly as the CLI does (see mlx_surgical/backend.py).
-Under MLX_SURGICAL_TESTS_NO_SKIPS=1, as in CI, a skip fails the run (tests/no_skips.py)."""
+Under MLX_SURGICAL_TESTS_NO_SKIPS=1, as in CI, a skip fails the run (tests/no_skips.py, registered below)."""
 
 import json
 import os
@@ -28,7 +28,6 @@ from mlx_surgical.backend import (ensure_vector_kernels, fast_blas_environment, 
 from mlx_surgical.config import config_from_dict  # noqa: E402
 from mlx_surgical.data import sample_path  # noqa: E402
 from mlx_surgical.tiny import build_tiny_model  # noqa: E402
-from no_skips import pytest_collectreport, pytest_runtest_logreport, pytest_sessionfinish, pytest_terminal_summary  # noqa: E402,F401
 
 
 def pytest_configure(config):
@@ -43,6 +42,7 @@ def pytest_configure(config):
         reexec(env)
     ensure_vector_kernels()
     interleave_cpu_streams()
+    config.pluginmanager.import_plugin("no_skips")
 
 
 @pytest.fixture(scope="session")
