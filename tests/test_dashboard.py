@@ -4,6 +4,7 @@ with a token, training the tiny model for real. A screenshot of each step is wri
 tests/artifacts/dashboard/."""
 
 import os
+import re
 import shutil
 import time
 import zipfile
@@ -41,14 +42,19 @@ def page():
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         context = browser.new_context(viewport={"width": 1280, "height": 900}, accept_downloads=True)
         page = context.new_page()
-        errors = []
+        errors, requested = [], []
         page.on("pageerror", lambda e: errors.append(str(e)))
+        page.on("request", lambda request: requested.append(request.url))
         page.set_default_timeout(30_000)
         yield page
         browser.close()
     finally:
         playwright.stop()
     assert not errors, f"JavaScript errors in the page: {errors}"
+    # README: the page loads nothing from elsewhere and calls only the public API.
+    elsewhere = [url for url in requested if not re.fullmatch(r"http://127\.0\.0\.1:\d+/(static/.*|api/.*|\?.*|#.*)?",
+                                                                url) and not url.startswith(("blob:", "data:"))]
+    assert requested and not elsewhere, elsewhere
 
 
 @pytest.fixture

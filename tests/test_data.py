@@ -202,3 +202,25 @@ def test_a_misspelled_field_is_named_beside_the_missing_one():
     assert problems == ["x.jsonl:3: field 'response' must be a non-empty string (is 'respnse' a misspelling of it?)"]
     assert record_problems(Record({"instruction": "a", "concept": "b"}, "x.jsonl:4"), None) == [
         "x.jsonl:4: field 'response' must be a non-empty string"]
+
+
+def test_text_examples_and_unmasked_prompts_learn_every_token_and_the_system_prompt_is_asked(tokenizer):
+    """README: a {"text": ...} example has its loss on every token; data.mask_prompt false puts
+    the prompt's tokens in the loss too; data.system_prompt is part of every prompt."""
+    text = "def double(x):\n    return 2 * x\n"
+    pair = {"instruction": "Write double", "response": "def double(x): return 2 * x"}
+    fmt = PromptFormat(tokenizer, "llama2", "Answer with code only.")
+    records = inline_records([{"text": text}, pair], "data.examples")
+    masked, unmasked = (encode_records(records, fmt, 512, "error", mask).samples for mask in (True, False))
+
+    text_ids = [tokenizer.bos_token_id, *tokenizer.encode(text, add_special_tokens=False), tokenizer.eos_token_id]
+    assert masked[0].ids.tolist() == text_ids and masked[0].loss_start == 1
+    prompt = fmt.prompt_ids([{"role": "user", "content": pair["instruction"]}])
+    assert "<<SYS>>\nAnswer with code only.\n<</SYS>>" in tokenizer.decode(prompt)
+    assert masked[1].ids.tolist()[:len(prompt)] == prompt and masked[1].loss_start == len(prompt)
+    assert unmasked[1].ids.tolist() == masked[1].ids.tolist() and unmasked[1].loss_start == 1
+
+    # Every next token after the first is learned: all but one position of each sample.
+    batch = collate([masked[0], unmasked[1]], 512)
+    assert int(batch.loss_weight.sum()) == len(masked[0].ids) - 1 + len(unmasked[1].ids) - 1
+    assert int(collate([masked[1]], 512).loss_weight.sum()) == len(masked[1].ids) - len(prompt)

@@ -98,13 +98,18 @@ def test_paired_micro_batches_train_the_same_adapter(tiny_model):
         assert threads[True] == 1
 
 
-def test_warmup_then_cosine_counted_in_updates():
+def test_warmup_then_cosine_linear_or_constant_counted_in_updates():
     schedule = learning_rate_schedule(1e-3, 1e-5, warmup=4, total=20, kind="cosine")
     rates = [schedule(mx.array(step)).item() for step in range(20)]
     assert rates[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
     assert rates[4] == pytest.approx(1e-3)
     assert all(a >= b for a, b in zip(rates[4:], rates[5:]))
     assert rates[19] == pytest.approx(1e-5 + (1e-3 - 1e-5) * 0.5 * (1 + math.cos(math.pi * 15 / 16)), rel=1e-4)
+    linear = learning_rate_schedule(1e-3, 1e-5, warmup=4, total=20, kind="linear")
+    assert [linear(mx.array(step)).item() for step in (0, 4, 19)] == pytest.approx(
+        [2.5e-4, 1e-3, 1e-3 + (1e-5 - 1e-3) * 15 / 16], rel=1e-4)
+    constant = learning_rate_schedule(1e-3, 1e-5, warmup=4, total=20, kind="constant")
+    assert [constant(mx.array(step)).item() for step in (0, 4, 19)] == pytest.approx([2.5e-4, 1e-3, 1e-3])
 
 
 def test_epochs_become_a_known_number_of_updates():
@@ -317,3 +322,28 @@ def test_progress_without_a_terminal_is_a_line_every_5_percent(make_config, caps
     updates = [int(line.split()[1].split("/")[0]) for line in lines if line.startswith("update ") and "/40:" in line]
     assert updates == [1, *range(2, 41, 2)]
     assert sum("validation loss" in line for line in lines) == 2
+
+
+def test_adamw_updates_as_pytorchs_adamw_with_the_schedule_of_the_config():
+    """README: AdamW with decoupled weight decay and bias correction, as PyTorch's, so learning
+    rates carry over; here with warmup and the cosine decay over a few updates."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    start = rng.normal(size=(4, 3)).astype(np.float32)
+    grads = [rng.normal(size=(4, 3)).astype(np.float32) for _ in range(5)]
+    schedule = learning_rate_schedule(1e-2, 1e-3, warmup=2, total=5, kind="cosine")
+
+    optimizer = make_optimizer(schedule, 0.1)
+    params = {"w": mx.array(start)}
+    optimizer.init(params)
+    for g in grads:
+        params = optimizer.apply_gradients({"w": mx.array(g)}, params)
+
+    weight = torch.nn.Parameter(torch.from_numpy(start.copy()))
+    reference = torch.optim.AdamW([weight], lr=1.0, weight_decay=0.1)
+    for step, g in enumerate(grads):
+        reference.param_groups[0]["lr"] = schedule(mx.array(step)).item()
+        weight.grad = torch.from_numpy(g)
+        reference.step()
+    np.testing.assert_allclose(np.array(params["w"]), weight.detach().numpy(), rtol=1e-5, atol=1e-6)
+    assert np.abs(np.array(params["w"]) - start).max() > 1e-3
