@@ -35,23 +35,28 @@ def test_mlx_export_is_clean_and_loads_in_mlx_lm(trained_run, tiny_model, tmp_pa
         export_adapter(trained_run, "mlx", out)
 
 
-def test_peft_export_loads_in_real_peft_with_the_same_logits(trained_run, tiny_model, tmp_path):
+def logits_in_peft(base_dir: Path, export: Path) -> tuple[np.ndarray, set[str]]:
+    """The PEFT export on the base in transformers + peft: logits of PROMPT_IDS, LoRA parameter names."""
     torch = pytest.importorskip("torch")
     peft = pytest.importorskip("peft")
     from transformers import LlamaForCausalLM
 
+    base = LlamaForCausalLM.from_pretrained(str(base_dir), torch_dtype=torch.float32)
+    model = peft.PeftModel.from_pretrained(base, str(export)).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([PROMPT_IDS])).logits.numpy()
+    return logits, {n for n, _ in model.named_parameters() if "lora_" in n}
+
+
+def test_peft_export_loads_in_real_peft_with_the_same_logits(trained_run, tiny_model, tmp_path):
     out = export_adapter(trained_run, "peft", tmp_path / "peft")
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
     assert config["r"] == 8 and config["lora_alpha"] == 16 and config["target_modules"] == ["q_proj", "k_proj", "v_proj"]
     assert "layers_to_transform" not in config
 
-    base = LlamaForCausalLM.from_pretrained(str(tiny_model), torch_dtype=torch.float32)
-    model = peft.PeftModel.from_pretrained(base, str(out)).eval()
-    names = {n for n, _ in model.named_parameters() if "lora_" in n}
+    peft_logits, names = logits_in_peft(tiny_model, out)
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight" in names
-    with torch.no_grad():
-        peft_logits = model(torch.tensor([PROMPT_IDS])).logits.numpy()
     mlx_logits = adapted_logits(tiny_model, trained_run)
     base_logits = np.array(load_model(str(tiny_model)).model(mx.array([PROMPT_IDS])))
     assert np.abs(mlx_logits - base_logits).max() > 1e-3  # the adapter changes the output
@@ -62,12 +67,17 @@ def test_peft_export_loads_in_real_peft_with_the_same_logits(trained_run, tiny_m
 def test_peft_export_of_last_layers_names_them(make_config, tiny_model, tmp_path):
     from mlx_surgical.pipeline import train_run
 
-    config = make_config(iters=2)
+    config = make_config(iters=4, learning_rate=2e-2)
     config.lora.layers = 1
     run = train_run(config, progress=False, log=lambda _: None).run_dir
     out = export_adapter(run, "peft", tmp_path / "peft-last")
     config = json.loads((out / "adapter_config.json").read_text())
     assert config["layers_to_transform"] == [1]
+    peft_logits, names = logits_in_peft(tiny_model, out)
+    assert names and all(".layers.1." in name for name in names)
+    mlx_logits = adapted_logits(tiny_model, run)
+    assert np.abs(mlx_logits - np.array(load_model(str(tiny_model)).model(mx.array([PROMPT_IDS])))).max() > 1e-3
+    np.testing.assert_allclose(peft_logits, mlx_logits, atol=1e-4)
 
 
 def llama_cpp_row_order(rows: int, heads: int) -> list[int]:
@@ -95,7 +105,7 @@ def test_gguf_export_has_llama_cpp_names_metadata_and_permutation(trained_run, t
     tensors = {t.name: np.array(t.data) for t in reader.tensors}
     adapter = read_adapter(trained_run)
     shape = adapter.config.base_shape()
-    assert len(tensors) == 2 * len(adapter.pairs)
+    assert len(adapter.pairs) == 3 * shape.num_layers and len(tensors) == 2 * len(adapter.pairs)  # q, k, v everywhere
     for pair in adapter.pairs:
         name = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v"}[pair.projection]
         a = tensors[f"blk.{pair.layer}.{name}.weight.lora_a"]
