@@ -14,7 +14,7 @@ import click
 from . import __version__
 from .config import ConvertConfig, EvalConfig, OutputConfig, ServeConfig, help_lines, load_config, preset_names, preset_path, setting_help
 from .console import is_terminal, printable
-from .errors import TrainingInterrupted, UserError
+from .errors import TrainingInterrupted, UserError, not_text
 from .export import FORMATS
 
 
@@ -179,6 +179,8 @@ def generate_cmd(model_path, adapter_dir, max_tokens, compare, prompt):
         prompt = sys.stdin.read()
     if not prompt.strip():
         raise UserError("generate: give a PROMPT argument or text on stdin")
+    if problem := not_text("generate: the prompt", prompt):
+        raise UserError(problem)
     loaded = load_with_adapter(base_model, adapter_dir, progress=True, where="--model")
     if compare:
         base, adapted = compare_answers(loaded, adapter_dir, prompt, max_tokens)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 from .data import SAMPLE_SPLITS, sample_path
-from .errors import UserError, parse_user_json, read_user_text
+from .errors import UserError, not_text, parse_user_json, read_user_text
 from .files import write_json_atomic
 from .shape import PROJECTION_PATHS
 
@@ -186,6 +186,13 @@ class ServeConfig:
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(RunConfig) if dataclasses.is_dataclass(f.type)}
 RUN_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+MAX_NAME_LENGTH = 128  # inside any file system's 255 bytes a name, with room for a prefix or suffix
+PLAIN_NAME = f"a plain name of at most {MAX_NAME_LENGTH} letters, digits, '.', '_' and '-'"
+
+
+def is_plain_name(name: str) -> bool:
+    """A run or upload name: safe as one path component everywhere, not hidden."""
+    return 0 < len(name) <= MAX_NAME_LENGTH and set(name) <= RUN_NAME_CHARS and not name.startswith(".")
 
 
 def _type_name(tp) -> str:
@@ -268,6 +275,10 @@ def section_from_dict(key: str, value: Any, source: str, problems: list[str]):
             problems.append(_unknown_key(f"{source}: {key}.", name, hints))
         elif not _matches(setting, hints[name]):
             problems.append(f"{source}: {key}.{name}: expected {_type_name(hints[name])}, got {json.dumps(setting)[:60]}")
+        elif problem := next(filter(None, (not_text(f"{source}: {key}.{name}", text) for text in
+                                           (setting if isinstance(setting, list) else [setting])
+                                           if isinstance(text, str))), None):
+            problems.append(problem)
         else:
             kwargs[name] = float(setting) if hints[name] is float else setting
     return SECTIONS[key](**kwargs)
@@ -329,8 +340,8 @@ def value_problems(c: RunConfig, source: str) -> list[str]:
     need(not c.eval.enabled or data.valid is not None or data.valid_examples is not None, "eval.enabled",
          "the report needs held-out examples: give data.valid or data.valid_examples")
     if c.output.name is not None:
-        need(bool(c.output.name) and set(c.output.name) <= RUN_NAME_CHARS and not c.output.name.startswith("."),
-             "output.name", "use a plain name of letters, digits, '.', '_' and '-'")
+        need(is_plain_name(c.output.name), "output.name", f"use {PLAIN_NAME}")
+    need("\0" not in c.output.dir, "output.dir", "the path contains a NUL character; give the folder's name as plain text")
     return p
 
 

@@ -16,7 +16,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Optional
 
-from .errors import UTF8_BOM, UserError, not_utf8, parse_user_json, read_user_bytes, read_user_text
+from .errors import UTF8_BOM, UserError, not_text, not_utf8, parse_user_json, read_user_bytes, read_user_text
 
 SAMPLE_SPLITS = ("train", "valid", "test")
 ROLES = ("system", "user", "assistant")
@@ -111,6 +111,12 @@ def example_format(fields) -> Optional[str]:
 def to_messages(record: Record) -> tuple[list[dict], bool]:
     """Normalise any accepted shape to chat messages; the flag says whether the last message is
     an answer to be learned (False for plain text)."""
+    messages, has_answer = _shaped_messages(record)
+    raise_problems([p for m in messages if (p := not_text(f"{record.origin}: {m['role']} message", m["content"]))])
+    return messages, has_answer
+
+
+def _shaped_messages(record: Record) -> tuple[list[dict], bool]:
     f = record.fields
     if not isinstance(f, dict):
         raise UserError(f"{record.origin}: expected a JSON object, got {type(f).__name__}")

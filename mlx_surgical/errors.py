@@ -7,7 +7,7 @@ that escapes is a bug in mlx_surgical and keeps its traceback.
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 
 class UserError(Exception):
@@ -51,6 +51,17 @@ def read_user_bytes(path: Path, what: str, hint: str = "") -> bytes:
 def not_utf8(where: str, error: UnicodeDecodeError) -> str:
     return (f"{where}: not valid UTF-8 (byte 0x{error.object[error.start]:02x} at column {error.start + 1}); "
             "save the file as UTF-8")
+
+
+def not_text(where: str, value: str) -> Optional[str]:
+    """What is wrong with a string that cannot be written as UTF-8: half of a UTF-16 pair (JSON's
+    "\\ud800" escape) or a byte that was not UTF-8 on the command line. No tokenizer takes it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return (f"{where}: not text at character {e.start + 1} (\\u{ord(value[e.start]):04x}, half of a character or "
+                "a byte that is not UTF-8); remove it or write the whole character")
+    return None
 
 
 def read_user_text(path: Path, what: str, hint: str = "") -> str:

@@ -102,8 +102,9 @@ class LoopSettings:
 
 def dropout_seed(seed: int, position: int, rank: int = 0) -> int:
     """Each micro-batch draws its dropout masks from a key fixed by (seed, position, rank), so
-    a resumed run needs no saved random state to continue exactly."""
-    return ((seed % 2 ** 31) * 2 ** 32 + position) * 1024 + rank
+    a resumed run needs no saved random state to continue exactly. Wrapped to MLX's 64-bit seed:
+    within a run (seed fixed) every position and rank still get their own key."""
+    return (((seed % 2 ** 31) * 2 ** 32 + position) * 1024 + rank) % 2 ** 64
 
 
 @dataclass

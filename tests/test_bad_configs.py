@@ -93,6 +93,15 @@ CASES = {
     "a data line nested 100,000 deep": (
         lambda t, m: (t / "d.jsonl").write_text(nested(100_000)) and write_config(t, m, data={"train": str(t / "d.jsonl")}),
         "d.jsonl:1: JSON nested too deeply"),
+    "half a character in an example": (
+        lambda t, m: (t / "d.jsonl").write_text('{"instruction": "a\\ud800", "response": "b"}\n')
+        and write_config(t, m, data={"train": str(t / "d.jsonl")}), "d.jsonl:1: user message: not text at character 2"),
+    "half a character in the system prompt": (lambda t, m: write_config(t, m, data={"system_prompt": "a\ud800"}),
+                                              "data.system_prompt: not text at character 2 (\\ud800"),
+    "a run name too long for a file name": (lambda t, m: write_config(t, m, output={"name": "x" * 300}),
+                                            "output.name: use a plain name of at most 128"),
+    "a NUL in the output folder": (lambda t, m: write_config(t, m, output={"dir": "a\0b"}),
+                                   "output.dir: the path contains a NUL character"),
     "output under a file": (lambda t, m: (t / "file").write_text("") or write_config(t, m, output={"dir": str(t / "file" / "runs")}),
                             "output.dir:"),
 }

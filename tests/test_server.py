@@ -183,6 +183,14 @@ def test_bad_requests_are_refused_with_every_problem(start_server, tiny_model, t
         assert client.post("/api/training/start", json=elsewhere).status_code == 422
         sneaky = job_config(tiny_model, "../other")
         assert client.post("/api/training/start", json=sneaky).status_code == 422
+        too_long = client.post("/api/training/start", json=job_config(tiny_model, "x" * 300))
+        assert too_long.status_code == 422 and "output.name" in too_long.json()["problems"][0]
+        half = job_config(tiny_model, "half")
+        half["data"]["examples"] = [{"instruction": "a\ud800", "response": "b"}]
+        for route in ("validate", "start"):  # the escape as JSON sends it: "\ud800" is half of a character
+            refused = client.post(f"/api/training/{route}", content=json.dumps(half),
+                                  headers={"Content-Type": "application/json"})
+            assert refused.status_code == 422 and "not text at character 2" in refused.json()["problems"][0]
 
         huge = client.post("/api/training/start", content=b"{" + b" " * (2 * 1024 * 1024) + b"}",
                            headers={"Content-Type": "application/json"})

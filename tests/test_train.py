@@ -347,3 +347,9 @@ def test_adamw_updates_as_pytorchs_adamw_with_the_schedule_of_the_config():
         reference.step()
     np.testing.assert_allclose(np.array(params["w"]), weight.detach().numpy(), rtol=1e-5, atol=1e-6)
     assert np.abs(np.array(params["w"]) - start).max() > 1e-3
+
+
+def test_every_seed_the_config_accepts_trains(make_config):
+    """training.seed takes any 64-bit value; each micro-batch's dropout key is derived from it."""
+    result = train_run(make_config(iters=2, seed=2 ** 64 - 1), progress=False, log=lambda _: None)
+    assert result.status == "succeeded" and math.isfinite(result.final_loss)

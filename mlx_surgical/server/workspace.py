@@ -7,10 +7,11 @@ import uuid
 from pathlib import Path
 from typing import Any, Optional
 
-from ..config import (BUNDLED_PREFIX, RUN_NAME_CHARS, OutputConfig, RunConfig, config_from_dict, data_path_problem,
-                      eval_problems, resolve_data_path, resolve_data_paths, section_from_dict)
+from ..config import (BUNDLED_PREFIX, MAX_NAME_LENGTH, PLAIN_NAME, OutputConfig, RunConfig, config_from_dict,
+                      data_path_problem, eval_problems, is_plain_name, resolve_data_path, resolve_data_paths,
+                      section_from_dict)
 from ..data import check_records, inline_records, read_records
-from ..errors import Conflict, UserError
+from ..errors import Conflict, UserError, not_text
 from ..files import write_text_atomic
 from ..jobs import JobStore
 from ..registry import find, remove
@@ -114,12 +115,11 @@ def save_upload(store: JobStore, raw: Any) -> dict:
     if not isinstance(raw, dict) or not isinstance(raw.get("name"), str) or not isinstance(raw.get("text"), str):
         raise UserError('upload: send {"name": "FILE.jsonl", "text": "...the file\'s contents..."}')
     name = raw["name"]
-    if Path(name).suffix not in DATA_SUFFIXES or not set(name) <= RUN_NAME_CHARS or name.startswith("."):
-        raise UserError(f"upload: '{name}': name a .jsonl or .json file with letters, digits, '.', '_', '-'")
-    try:
-        content = raw["text"].encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise UserError(f"upload: '{name}': not valid text ({e.reason} at character {e.start})") from None
+    if Path(name).suffix not in DATA_SUFFIXES or not is_plain_name(name):
+        raise UserError(f"upload: '{name[:MAX_NAME_LENGTH]}': name a .jsonl or .json file with {PLAIN_NAME}")
+    if problem := not_text(f"upload: '{name}'", raw["text"]):
+        raise UserError(problem)
+    content = raw["text"].encode("utf-8")
     path = store.workspace / UPLOADS / f"{hashlib.sha256(content).hexdigest()[:12]}-{name}"
     existed = path.exists()
     if not existed:
