@@ -126,6 +126,9 @@ def check_llama_family(config: dict, source: str) -> None:
     if model_type not in LLAMA_FAMILY:
         raise UserError(f"{source}: model_type is '{model_type}', but mlx_surgical supports Llama-family models "
                         f"({', '.join(LLAMA_FAMILY)}), such as CodeLlama")
+    if "rms_norm_eps" not in config:  # mlx-lm's ModelArgs requires it; the sizes are checked by ModelShape
+        raise UserError(f"{source}: missing rms_norm_eps (every Llama config.json states it, often 1e-05 or 1e-06); "
+                        "copy config.json from the original model")
 
 
 def local_shape(model_dir: Path) -> ModelShape:

@@ -18,6 +18,7 @@ from .config import LoraConfig
 from .console import working
 from .errors import UserError
 from .model import LoadedModel, load_model
+from .rundir import ADAPTER_FILE
 from .shape import ModelShape
 
 
@@ -76,6 +77,9 @@ def apply_adapter(model: nn.Module, adapter_dir: str | Path, shape: ModelShape, 
     except ValueError as e:  # mlx-lm lists every tensor whose shape does not fit
         first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
         raise UserError(f"{adapter_dir}: adapter does not fit {base_path} ({shape.describe()}): {first}") from None
+    except (RuntimeError, OSError) as e:  # MLX's safetensors reader on a damaged or missing file
+        raise UserError(f"{Path(adapter_dir) / ADAPTER_FILE}: cannot be read ({e}); train or export the adapter "
+                        "again") from None
     model.eval()
     return config
 

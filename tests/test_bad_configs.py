@@ -64,6 +64,10 @@ CASES = {
         t, m, lambda d: (d / "config.json").write_text(json.dumps(
             {**json.loads((d / "config.json").read_text()), "hidden_size": "wide"})))),
         "hidden_size must be positive whole numbers"),
+    "config.json without rms_norm_eps": (lambda t, m: write_config(t, broken_model(
+        t, m, lambda d: (d / "config.json").write_text(json.dumps(
+            {k: v for k, v in json.loads((d / "config.json").read_text()).items() if k != "rms_norm_eps"})))),
+        "config.json: missing rms_norm_eps"),
     "weights empty": (lambda t, m: write_config(t, broken_model(
         t, m, lambda d: (d / "model.safetensors").write_bytes(b""))), "model.safetensors: it is not a whole safetensors file"),
     "weights truncated": (lambda t, m: write_config(t, broken_model(
@@ -153,6 +157,9 @@ def test_export_of_a_damaged_adapter_is_one_clear_line(trained_run, tmp_path):
     cut(damaged / "adapters.safetensors")
     result = CliRunner().invoke(cli, ["export", str(damaged), "--format", "peft"])
     assert result.exit_code == 2 and "adapters.safetensors: cannot be read" in result.output
+    for command in (["eval", str(damaged)], ["generate", "--adapter", str(damaged), "hi"]):
+        result = CliRunner().invoke(cli, command)
+        assert result.exit_code == 2 and "adapters.safetensors: cannot be read" in result.output, result.output
     shutil.copy(trained_run / "adapters.safetensors", damaged / "adapters.safetensors")
     config = json.loads((damaged / "adapter_config.json").read_text())
     config["base_model"]["config"]["hidden_size"] = "wide"
