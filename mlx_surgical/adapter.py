@@ -37,6 +37,12 @@ class BaseModelRecord:
     num_layers: int
     config: dict  # ModelShape's fields
 
+    def __post_init__(self):
+        # Read back from a file people edit: a wrong type is refused here, not in a table or an exporter.
+        wrong = [f.name for f in fields(self) if type(getattr(self, f.name)) is not f.type]
+        if wrong:
+            raise TypeError(f"base_model: {', '.join(wrong)} of the wrong type")
+
     def model_shape(self) -> ModelShape:
         return ModelShape(**self.config)
 
@@ -111,7 +117,8 @@ class AdapterConfig:
                        prompt=PromptRecord(**{k: v for k, v in (raw.get("prompt") or {}).items()
                                               if k in PROMPT_FIELDS}),  # a newer version may add more
                        update=raw.get("update"), val_loss=raw.get("val_loss"))
-        except (KeyError, TypeError, ValueError, AttributeError) as e:  # AttributeError: a list where an object belongs
+        # AttributeError: a list where an object belongs; OverflowError: an infinite rank or layer count
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             raise UserError(f"{source}: not a LoRA adapter config mlx_surgical can read ({type(e).__name__}: {e})")
 
     @classmethod

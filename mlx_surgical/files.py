@@ -163,6 +163,10 @@ def read_json_or_empty(path: str | Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+def not_a_file(path: str | Path) -> UserError:
+    return UserError(f"{path}: is a directory, not a file; move the directory out of the way")
+
+
 def read_jsonl(path: str | Path) -> list[dict]:
     """The rows of a JSON-lines file (metrics, job events); [] when it does not exist yet. A line
     cut short by a writer that was killed is left out."""
@@ -170,6 +174,8 @@ def read_jsonl(path: str | Path) -> list[dict]:
         text = Path(path).read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
         return []
+    except IsADirectoryError:
+        raise not_a_file(path) from None
     rows = []
     for line in text.splitlines():
         try:
@@ -200,7 +206,10 @@ def _last_byte(path: Path) -> bytes:
 
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    try:
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    except IsADirectoryError:
+        raise not_a_file(path) from None
     return digest.hexdigest()

@@ -4,15 +4,15 @@ Every run directory explains itself (rundir.RunInfo, adapter.AdapterConfig), so 
 keeps no index of its own: listing reads the directories. It never loads MLX."""
 
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Optional
 
 from .adapter import AdapterConfig, is_adapter_dir, read_adapter
 from .config import OutputConfig
 from .errors import Conflict, NotFound, UserError
-from .files import read_json_or_empty, sha256_file
+from .files import not_a_file, read_json_or_empty, sha256_file
 from .locks import is_locked
 from .rundir import RunDir, RunInfo
 from .shape import local_shape
@@ -29,30 +29,37 @@ class AdapterEntry:
     best_val_loss: Optional[float]
     final_val_loss: Optional[float]
     created: str
+    problems: list[str] = field(default_factory=list)  # why a run listed as "damaged" cannot be read
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
 def entry(run_dir: Path) -> AdapterEntry:
+    """One run as listed; a run whose records cannot be read is listed as damaged, saying why."""
     run = RunDir(run_dir)
-    info = RunInfo.load(run_dir)
+    problems: list[str] = []
+    try:
+        info = RunInfo.load(run_dir)
+    except UserError as e:
+        info, problems = RunInfo(name=run.name, created=""), e.problems
     try:
         base_model = AdapterConfig.read(run_dir).base_model or "?"
-    except UserError:
-        base_model = "?"
+    except UserError as e:
+        base_model, problems = "?", problems + e.problems
     created = info.created or datetime.fromtimestamp(run.adapter.stat().st_mtime,
                                                      timezone.utc).isoformat(timespec="seconds")
     return AdapterEntry(
         name=run.name,
         path=str(run_dir),
-        status=info.status if run.info.exists() else "exported",
+        status="damaged" if problems else info.status if run.info.exists() else "exported",
         base_model=base_model,
         trainable_parameters=info.trainable_parameters,
         size_bytes=run.adapter.stat().st_size,
         best_val_loss=info.best.val_loss if info.best else None,
         final_val_loss=info.final.val_loss if info.final else None,
         created=created,
+        problems=problems,
     )
 
 
@@ -65,7 +72,7 @@ def format_table(entries: list[AdapterEntry]) -> str:
     lines = [row.format(tail(e.name, 32), e.status, tail(e.base_model, 28), f"{e.trainable_parameters or 0:,}",
                         f"{e.size_bytes / 1e6:.2f}MB", loss(e.best_val_loss), loss(e.final_val_loss), e.created)
              for e in entries]
-    return "\n".join([header, *lines])
+    return "\n".join([header, *lines, *(f"damaged: {problem}" for e in entries for problem in e.problems)])
 
 
 def list_adapters(root: str | Path = OutputConfig.dir) -> list[AdapterEntry]:
@@ -78,8 +85,11 @@ def list_adapters(root: str | Path = OutputConfig.dir) -> list[AdapterEntry]:
 def find(root: str | Path, name: str, paths: bool = True) -> Path:
     """A run by name inside root, or (with paths) a path to an adapter directory anywhere."""
     for candidate in (Path(root) / name, *([Path(name)] if paths else [])):
-        if candidate.is_dir() and is_adapter_dir(candidate):
-            return candidate
+        try:
+            if candidate.is_dir() and is_adapter_dir(candidate):
+                return candidate
+        except OSError:  # a name longer than the file system allows (ENAMETOOLONG) names no adapter
+            continue
     known = ", ".join(e.name for e in list_adapters(root)) or "none"
     raise NotFound(f"adapter '{name}' not found in {root} (known: {known})")
 
@@ -100,11 +110,19 @@ def verify(root: str | Path, name: str, model_path: Optional[str] = None) -> lis
     run_dir = find(root, name)
     run = RunDir(run_dir)
     problems, checked = [], []
-    recorded = RunInfo.load(run_dir).checksums
+    try:
+        recorded = RunInfo.load(run_dir).checksums
+    except UserError as e:
+        problems, recorded = e.problems, {}
     for file, expected in recorded.items():
         path = run_dir / file
-        if not path.exists():
+        if PurePath(file).is_absolute() or ".." in PurePath(file).parts:  # never hash, nor probe, outside the run
+            problems.append(f"{run.info}: checksums: '{file}' is not a file inside the run directory; "
+                            "delete that entry")
+        elif not path.exists():
             problems.append(f"{path}: missing (listed in {run.info.name})")
+        elif path.is_dir():
+            problems += not_a_file(path).problems
         elif sha256_file(path) != expected:
             problems.append(f"{path}: checksum differs from the one recorded when the run finished")
         else:

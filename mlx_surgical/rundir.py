@@ -21,16 +21,15 @@ through this module. Nothing here imports MLX.
 
 import os
 import shutil
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional, TypedDict, Union, get_args, get_origin, get_type_hints, is_typeddict
 
 from .config import OutputConfig, RunConfig, config_from_dict, parse_json_file
 from .console import command_line, resume_command
-from .errors import Conflict, UserError
-from .files import is_staging, read_json_or_empty, read_jsonl, remove_staging_leftovers, sha256_file, \
-    write_failed, write_json_atomic
+from .errors import Conflict, UserError, parse_user_json, read_user_text
+from .files import is_staging, read_jsonl, remove_staging_leftovers, sha256_file, write_failed, write_json_atomic
 from .locks import FileLock
 
 RUN_CONFIG = "run_config.json"
@@ -210,8 +209,46 @@ class FinalInfo:
     val_loss: Optional[float] = None
 
 
-# Nested records, by field name, so `load` can rebuild them from JSON.
-_NESTED = {"data": DataInfo, "timings": Timings, "best": BestInfo, "final": FinalInfo}
+class LearningRateChange(TypedDict):
+    """A learning rate set on resume; resuming again starts from the last one's."""
+
+    update: int
+    learning_rate: float
+    previous: float
+    at: str
+
+
+_JSON_NAMES = {str: "a string", int: "a whole number", float: "a number", bool: "true or false", dict: "an object",
+               list: "a list", type(None): "null", type(MISSING): "missing"}
+
+
+def _from_json(value: Any, kind: Any, where: str, path: Path) -> Any:
+    """`value`, read from run.json for the field `where` declared as `kind`, with its records
+    rebuilt; a value of another type is refused naming the field, so no reader trips on it later."""
+    if get_origin(kind) is Union:  # Optional[X]
+        if value is None:
+            return None
+        kind = next(k for k in get_args(kind) if k is not type(None))
+    outer = dict if is_dataclass(kind) or is_typeddict(kind) else get_origin(kind) or kind
+    if type(value) is not outer and not (outer is float and type(value) is int):
+        top = where.split(".")[0].split("[")[0]  # every top-level field may go: each has a default
+        raise UserError(f"{path}: {where} must be {_JSON_NAMES[outer]}, not {_JSON_NAMES[type(value)]}; "
+                        f'correct it, or delete "{top}" from the file')
+    args = get_args(kind)
+    if is_dataclass(kind):  # unknown keys of a record are left out, as at the top level
+        return kind(**{f.name: _from_json(value.get(f.name, MISSING), f.type, f"{where}.{f.name}", path)
+                       for f in fields(kind)
+                       if f.name in value or (f.default is MISSING and f.default_factory is MISSING)})
+    if is_typeddict(kind):
+        for key, item_kind in get_type_hints(kind).items():
+            _from_json(value.get(key, MISSING), item_kind, f"{where}.{key}", path)
+    elif outer is list and args:
+        for i, item in enumerate(value):
+            _from_json(item, args[0], f"{where}[{i}]", path)
+    elif outer is dict and args:
+        for key, item in value.items():
+            _from_json(item, args[1], f"{where}.{key}", path)
+    return value
 
 
 @dataclass
@@ -234,27 +271,28 @@ class RunInfo:
     best: Optional[BestInfo] = None
     final: Optional[FinalInfo] = None
     error: Optional[str] = None
-    checksums: dict = field(default_factory=dict)
-    # Learning rates set on resume: {"update", "learning_rate", "previous", "at"}, oldest first.
-    learning_rate_changes: list = field(default_factory=list)
+    checksums: dict[str, str] = field(default_factory=dict)  # file name in the run -> sha256
+    learning_rate_changes: list[LearningRateChange] = field(default_factory=list)  # oldest first
     # Keys this version does not know (a newer mlx_surgical wrote them), kept when rewriting.
     extra: dict = field(default_factory=dict, repr=False)
 
     @classmethod
     def load(cls, run_dir: Path) -> "RunInfo":
         """The record of a run, also of run directories written by earlier versions; a run
-        without run.json (an exported adapter) gets a record named after its folder."""
-        raw = read_json_or_empty(RunDir(Path(run_dir)).info)
+        without run.json (an exported adapter) gets a record named after its folder. A damaged
+        run.json is a UserError naming the file and the field."""
+        path = RunDir(Path(run_dir)).info
+        if not path.exists():
+            return cls(name=Path(run_dir).name, created="")
+        raw = parse_user_json(read_user_text(path, "run record"), path)
+        if type(raw) is not dict:
+            raise UserError(f"{path}: not a run record (a JSON object is expected, found {_JSON_NAMES[type(raw)]}); "
+                            "restore it, or delete it to keep the adapter as an exported one")
         raw.pop("base_model", None)  # kept by earlier versions; the base is recorded in adapter_config.json
-        known = {f.name for f in fields(cls)} - {"extra"}
-        values = {k: v for k, v in raw.items() if k in known}
-        for key, record in _NESTED.items():
-            if isinstance(values.get(key), dict):
-                names = {f.name for f in fields(record)}
-                values[key] = record(**{k: v for k, v in values[key].items() if k in names})
+        known = {f.name: f.type for f in fields(cls) if f.name != "extra"}
+        values = {k: _from_json(v, known[k], k, path) for k, v in raw.items() if k in known}
         values.setdefault("name", Path(run_dir).name)
-        if "created" not in raw:
-            values["created"] = ""
+        values.setdefault("created", "")
         return cls(**values, extra={k: v for k, v in raw.items() if k not in known})
 
     def to_dict(self) -> dict:

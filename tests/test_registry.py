@@ -3,9 +3,11 @@
 import json
 import shutil
 
+import pytest
 from click.testing import CliRunner
 
 from mlx_surgical.cli import cli
+from mlx_surgical.files import sha256_file
 
 
 def run(*args, input=None):
@@ -82,3 +84,79 @@ def test_generate_streams_and_compares(trained_run, tiny_model, other_tiny_model
     assert no_base.exit_code == 2 and "--model: name the base model" in no_base.output
     refused = run("generate", "--model", str(other_tiny_model), "--adapter", str(trained_run), "hi")
     assert refused.exit_code == 2 and "not on" in refused.output and "Traceback" not in refused.output
+
+
+def _with(**changes):
+    """A hand edit of a JSON file: some of its keys replaced."""
+    return lambda text: json.dumps({**json.loads(text), **changes})
+
+
+def _inside(key, **changes):
+    """A hand edit of a JSON file: some keys of its object `key` replaced."""
+    return lambda text: _with(**{key: {**json.loads(text)[key], **changes}})(text)
+
+
+DAMAGED_RUNS = {  # name: (file, the hand edit, what the problem line says)
+    "rank-inf": ("adapter_config.json", _inside("lora_parameters", rank=float("inf")),
+                 "not a LoRA adapter config mlx_surgical can read (OverflowError"),
+    "base-path-int": ("adapter_config.json", _inside("base_model", path=5), "base_model: path of the wrong type"),
+    "data-empty": ("run.json", _with(data={}), "run.json: data.hash must be a string, not missing"),
+    "best-str": ("run.json", _with(best="x"), "run.json: best must be an object, not a string"),
+    "final-list": ("run.json", _with(final=[1]), "run.json: final must be an object, not a list"),
+    "created-int": ("run.json", _with(created=5), "run.json: created must be a string"),
+    "val-loss-str": ("run.json", _with(best={"val_loss": "x"}), "run.json: best.val_loss must be a number"),
+    "parameters-str": ("run.json", _with(trainable_parameters="many"),
+                       "run.json: trainable_parameters must be a whole number"),
+    "checksums-list": ("run.json", _with(checksums=["a"]), "run.json: checksums must be an object"),
+    "lr-changes": ("run.json", _with(learning_rate_changes=[{"x": 1}]),
+                   "run.json: learning_rate_changes[0].update must be a whole number, not missing"),
+    "not-an-object": ("run.json", lambda text: "[]", "run.json: not a run record"),
+    "truncated": ("run.json", lambda text: text[:40], "malformed JSON"),
+}
+
+
+@pytest.mark.parametrize("damaged", DAMAGED_RUNS)
+def test_a_damaged_run_is_listed_as_damaged_and_the_others_still_work(trained_run, tmp_path, damaged):
+    file, damage, problem = DAMAGED_RUNS[damaged]
+    root, run_dir = copy_run(trained_run, tmp_path)
+    shutil.copytree(run_dir, root / "broken")
+    (root / "broken" / file).write_text(damage((root / "broken" / file).read_text()))
+
+    listed = run("adapters", "--root", str(root), "list", "--json")
+    assert listed.exit_code == 0, listed.output
+    by_name = {e["name"]: e for e in json.loads(listed.output)}
+    assert by_name[run_dir.name]["status"] == "succeeded" and by_name[run_dir.name]["problems"] == []
+    [line] = by_name["broken"]["problems"]
+    assert by_name["broken"]["status"] == "damaged" and problem in line and str(root / "broken" / file) in line
+    table = run("adapters", "--root", str(root), "list")
+    assert table.exit_code == 0 and f"damaged: {line}" in table.output
+    for command in ("show", "verify"):
+        assert run("adapters", "--root", str(root), command, run_dir.name).exit_code == 0
+        missing = run("adapters", "--root", str(root), command, "nope")
+        assert missing.exit_code == 2 and "not found" in missing.output and "broken" in missing.output
+        refused = run("adapters", "--root", str(root), command, "broken")
+        assert refused.exit_code == (0 if command == "show" else 2), refused.output
+        assert command == "show" or f"error: {line}" in refused.output
+
+
+def test_verify_hashes_nothing_outside_the_run_and_no_directory(trained_run, tmp_path):
+    root, run_dir = copy_run(trained_run, tmp_path)
+    outside = tmp_path / "secret"
+    outside.write_text("x")
+    info = run_dir / "run.json"
+    for name in ("../../secret", str(outside)):  # a match would tell a server's caller the file exists
+        info.write_text(_with(checksums={name: sha256_file(outside)})(info.read_text()))
+        refused = run("adapters", "--root", str(root), "verify", run_dir.name)
+        assert refused.exit_code == 2 and f"'{name}' is not a file inside the run directory" in refused.output
+    shutil.copy(trained_run / "run.json", info)
+    (run_dir / "adapters.safetensors").unlink()
+    (run_dir / "adapters.safetensors").mkdir()
+    refused = run("adapters", "--root", str(root), "verify", run_dir.name)
+    assert refused.exit_code == 2 and "adapters.safetensors: is a directory, not a file" in refused.output
+
+
+def test_a_name_longer_than_the_file_system_allows_is_not_found(trained_run, tmp_path):
+    root, _ = copy_run(trained_run, tmp_path)
+    for command in ("show", "verify", "rm"):
+        missing = run("adapters", "--root", str(root), command, "x" * 300)
+        assert missing.exit_code == 2 and "not found" in missing.output, missing.output

@@ -184,3 +184,11 @@ def test_run_files_and_exports_get_the_umasks_permissions(make_config, tmp_path)
     for path in (run_dir, *exports):
         assert modes(path) <= {("dir", 0o755), ("file", 0o644)}, path
     assert modes(tmp_path / "group") == {("dir", 0o750), ("file", 0o640)}
+
+
+@pytest.mark.parametrize("name, read", [("metrics.jsonl", RunDir.metric_rows),
+                                        ("adapters.safetensors", RunDir.checksums)])
+def test_a_directory_where_a_run_file_belongs_is_named(tmp_path, name, read):
+    (tmp_path / name).mkdir()
+    with pytest.raises(UserError, match=f"{name}: is a directory, not a file"):
+        read(RunDir(tmp_path))

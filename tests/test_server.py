@@ -4,6 +4,7 @@ import io
 import json
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -191,6 +192,10 @@ def test_bad_requests_are_refused_with_every_problem(start_server, tiny_model, t
             refused = client.post(f"/api/training/{route}", content=json.dumps(half),
                                   headers={"Content-Type": "application/json"})
             assert refused.status_code == 422 and "not text at character 2" in refused.json()["problems"][0]
+
+        for query in ("offset=abc", "limit=1.5"):
+            wrong = client.get(f"/api/training/jobs?{query}")
+            assert wrong.status_code == 422 and wrong.json()["problems"][0].startswith(f"query.{query.split('=')[0]}: ")
 
         huge = client.post("/api/training/start", content=b"{" + b" " * (2 * 1024 * 1024) + b"}",
                            headers={"Content-Type": "application/json"})
@@ -479,3 +484,19 @@ def test_a_job_record_from_before_config_json_keeps_its_config(tiny_model, tmp_p
         job.state = "queued"
     assert "config" not in json.loads((folder / "job.json").read_text())
     assert store.config("0123456789ab") == config and store.get("0123456789ab").state == "queued"
+
+
+def test_a_busy_port_and_an_unknown_host_are_named(tmp_path):
+    from click.testing import CliRunner
+
+    from mlx_surgical.cli import cli
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        busy = CliRunner().invoke(cli, ["serve", "--port", str(port), "--workspace", str(tmp_path)])
+    assert busy.exit_code == 2 and f"--port {port}: already in use on 127.0.0.1" in busy.output, busy.output
+    unknown = CliRunner().invoke(cli, ["serve", "--host", "nonexistent.invalid", "--token", "t", "--workspace",
+                                       str(tmp_path)])
+    assert unknown.exit_code == 2 and "--host nonexistent.invalid: cannot listen there" in unknown.output
+    assert "--port" not in unknown.output

@@ -10,6 +10,7 @@ Every request first passes guard.RequestGuard.
 """
 
 import asyncio
+import errno
 import json
 import shutil
 import socket
@@ -20,6 +21,7 @@ from typing import Iterable, Optional
 from urllib.parse import quote
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.background import BackgroundTask
@@ -107,6 +109,11 @@ def create_app(settings: ServeConfig = ServeConfig()) -> FastAPI:
     @app.exception_handler(UserError)
     async def user_error(request, exc: UserError):
         return problem(422, *map(relative, exc.problems))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request, exc: RequestValidationError):
+        """A query parameter of the wrong type, in the same {"problems": [...]} form as every refusal."""
+        return problem(422, *(f"{'.'.join(map(str, error['loc']))}: {error['msg']}" for error in exc.errors()))
 
     @app.get("/", include_in_schema=False)
     async def dashboard():
@@ -277,8 +284,11 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind((host, port))
     except OSError as e:
         sock.close()
-        raise UserError(f"--host {host} --port {port}: cannot listen there ({e.strerror}); "
-                        "choose another --port or stop the program using it") from None
+        if e.errno == errno.EADDRINUSE:
+            raise UserError(f"--port {port}: already in use on {host}; choose another --port or stop the program "
+                            "using it") from None
+        raise UserError(f"--host {host}: cannot listen there ({e.strerror}); give an address of this machine, "
+                        "such as 127.0.0.1") from None
     return sock
 
 
