@@ -17,7 +17,7 @@ import secrets
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 from safetensors import SafetensorError
 
@@ -53,6 +53,16 @@ def fsync_path(path: Path) -> None:
 def write_failed(out: Path, error: Exception) -> UserError:
     reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
     return UserError(f"{out}: cannot be written ({reason}); check free space and permissions there")
+
+
+def make_directory(path: str | Path) -> Path:
+    """`path` as a directory, created with its parents if need be; failing is one clear line."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_failed(path, e) from None
+    return path
 
 
 def _staging_name(out: Path, suffix: str) -> Path:
@@ -102,6 +112,25 @@ def staged_file(out: str | Path, suffix: str = "", executable: bool = False) -> 
         raise write_failed(out, e) from None
     finally:
         name.unlink(missing_ok=True)
+
+
+def replace_problem(out: Path, reads: list[Path], folder: bool) -> Optional[str]:
+    """Why `--force` must not replace `out`, or None: it is, or holds, what the command reads, or it
+    is not an earlier output of its kind (for a folder, one holding files only, as every export and
+    converted model does; for a file, a file)."""
+    target = out.resolve()
+    for source in reads:
+        if target == source.resolve() or target in source.resolve().parents:
+            relation = "is" if target == source.resolve() else "holds"
+            return f"{out}: {relation} {source}, which this command reads; choose another --out"
+    if not out.exists():
+        return None
+    if folder and (not out.is_dir() or any(p.is_dir() for p in out.iterdir())):
+        return (f"{out}: --force replaces an earlier output only, and this is "
+                f"{'a folder holding folders' if out.is_dir() else 'a file'}; choose another --out")
+    if not folder and out.is_dir():
+        return f"{out}: --force replaces an earlier output file only, and this is a folder; choose another --out"
+    return None
 
 
 @contextmanager

@@ -40,7 +40,7 @@ from typing import AsyncIterator, Callable, Iterator, Optional
 
 from .config import OutputConfig, RunConfig, ServeConfig, learning_rate_problem
 from .errors import Conflict, NotFound, UserError
-from .files import append_jsonl, read_json_or_empty, read_jsonl, write_json_atomic, write_text_atomic
+from .files import append_jsonl, make_directory, read_json_or_empty, read_jsonl, write_json_atomic, write_text_atomic
 from .locks import FileLock, is_locked
 from .rundir import EVAL_JSON, RunDir, now
 
@@ -103,8 +103,7 @@ class JobStore:
 
     def __init__(self, workspace: Path):
         self.workspace = Path(workspace).resolve()
-        self.root = self.workspace / "jobs"
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = make_directory(self.workspace / "jobs")
         self.adapters = self.workspace / OutputConfig.dir
         self._cache: dict[str, tuple[tuple, Job]] = {}  # id -> ((inode, mtime), record)
         self._scanned = False

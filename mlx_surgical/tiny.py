@@ -18,6 +18,7 @@ from transformers import AutoTokenizer
 
 from .data import bundled_texts
 from .errors import UserError
+from .files import make_directory
 
 # Llama-2 / CodeLlama special token ids: <unk>=0, <s>=1, </s>=2.
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -174,9 +175,10 @@ def build_tiny_model(out_dir: str | Path, shape: TinyShape = TinyShape(), seed: 
     configs into out_dir, loadable by mlx_lm.load and by transformers."""
     _check(shape)
     out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out}: directory is not empty; choose a new directory for the tiny model")
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"{out}: {'directory is not empty' if out.is_dir() else 'is a file'}; choose a new "
+                        "directory for the tiny model")
+    make_directory(out)
 
     (out / "config.json").write_text(json.dumps(shape.hf_config(), indent=2) + "\n")
     save_file(random_weights(shape, seed), str(out / "model.safetensors"), metadata={"format": "pt"})

@@ -190,3 +190,15 @@ def test_a_config_mistake_is_answered_before_mlx_loads(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "", f"imported: {result.stdout}"
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_line_before_any_work(trained_run, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for command in (["eval", str(trained_run), "--out", str(blocker / "report")], ["tiny-model", str(blocker / "m")]):
+        result = CliRunner().invoke(cli, command)
+        assert result.exit_code == 2 and f"{blocker}/" in result.output and "cannot be written" in result.output, \
+            result.output
+    served = subprocess.run([sys.executable, "-m", "mlx_surgical", "serve", "--port", "0", "--workspace",
+                             str(blocker / "workspace")], capture_output=True, text=True, timeout=120)
+    assert served.returncode == 2 and "cannot be written" in served.stderr and "Traceback" not in served.stderr

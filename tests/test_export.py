@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -216,3 +217,35 @@ def test_peft_export_of_a_converted_base_loads_with_auto_peft(tiny_model, tmp_pa
     with torch.no_grad():
         peft_logits = model(torch.tensor([PROMPT_IDS])).logits.numpy()
     np.testing.assert_allclose(peft_logits, adapted_logits(converted, run), atol=1e-4)
+
+
+def test_force_replaces_an_earlier_export_only(trained_run, tiny_model, tmp_path, monkeypatch):
+    """--force must never take the run it reads, a folder holding it, or something that is not an
+    earlier output of the same kind: each is refused with nothing touched."""
+    from click.testing import CliRunner
+
+    from mlx_surgical.cli import cli
+
+    monkeypatch.chdir(tmp_path)
+    runs = tmp_path / "runs"
+    shutil.copytree(trained_run, runs / "run")
+    (tmp_path / "notes.txt").write_text("mine")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    refusals = {
+        ("export", "runs/run", "--format", "mlx", "--out", "runs"): "runs: holds runs/run, which this command reads",
+        ("export", "runs/run", "--format", "peft", "--out", "runs/run"): "runs/run: is runs/run",
+        ("export", "runs/run", "--format", "gguf", "--out", "runs"): "runs: holds runs/run",
+        ("convert", str(tiny_model), "--out", "notes.txt"): "--force replaces an earlier output only, and this is a file",
+    }
+    for command, words in refusals.items():
+        result = CliRunner().invoke(cli, [*command, "--force"])
+        assert result.exit_code == 2 and words in result.output, (command, result.output)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+    export = ["export", "runs/run", "--format", "mlx", "--out", "export"]
+    assert CliRunner().invoke(cli, export).exit_code == 0
+    again = CliRunner().invoke(cli, [*export, "--force"])
+    assert again.exit_code == 0 and (tmp_path / "export" / "adapters.safetensors").exists()
+    as_gguf = CliRunner().invoke(cli, ["export", "runs/run", "--format", "gguf", "--out", "export", "--force"])
+    assert as_gguf.exit_code == 2 and "replaces an earlier output file only, and this is a folder" in as_gguf.output

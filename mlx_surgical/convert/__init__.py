@@ -9,6 +9,7 @@ from typing import Callable, Optional
 from ..backend import HALF_PRECISION_SLOWDOWN, default_convert_dtype, on_cpu_backend
 from ..config import ConvertConfig
 from ..errors import UserError
+from ..files import replace_problem
 from ..model import PRESET_SOURCES, converted_folder, looks_like_local_path
 from . import gguf, hf, ollama
 
@@ -58,6 +59,9 @@ def convert_model(source: str, out: Optional[str | Path] = None, bits: Optional[
     out = Path(out)
     if out.exists() and not force:
         raise UserError(f"{out}: already exists; choose another --out or pass --force to replace it")
+    source_path = model.blob if model else Path(source).expanduser()
+    if problem := replace_problem(out, [source_path] if source_path.exists() else [], folder=True):
+        raise UserError(problem)
     if dtype is None:
         dtype = chosen_dtype
         if on_cpu_backend():

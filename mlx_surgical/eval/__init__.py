@@ -19,6 +19,7 @@ from ..config import DataConfig, EvalConfig, RunConfig, TrainingConfig, eval_pro
 from ..console import counted, working
 from ..data import Record, read_records, split_records
 from ..errors import UserError
+from ..files import make_directory
 from ..generate import complete, prompt_format_for
 from ..model import LoadedModel
 from ..prompt import encode_records
@@ -137,6 +138,7 @@ def evaluate_adapter(adapter_dir: str | Path, model: Optional[str] = None, data:
         raise UserError(f"{adapter_dir}: not a run directory; name the base model with --model")
     model_path = model or AdapterConfig.read(adapter_dir).local_base_model or run.model.path
     records, source = held_out_records(adapter_dir, data)
+    written = make_directory(out_dir) if out_dir is not None else adapter_dir  # before the minutes of work
     examples = read_examples(records, settings.samples)
     problems = [e for e in examples if e.tests is not None]
     samples = settings.samples if settings.samples is not None else (1 if problems else 0)
@@ -205,7 +207,6 @@ def evaluate_adapter(adapter_dir: str | Path, model: Optional[str] = None, data:
     }
     report["summary"] = summary(report)
     report["seconds"] = round(time.perf_counter() - started, 1)
-    written = Path(out_dir) if out_dir is not None else adapter_dir
     write_report(written, report)
     log(f"wrote {written / EVAL_JSON} and {written / EVAL_MD}")
     return report

@@ -5,7 +5,7 @@ disturbed."""
 from pathlib import Path
 from typing import Optional
 
-from ..files import write_json_atomic, write_text_atomic
+from ..files import make_directory, write_json_atomic, write_text_atomic
 from ..rundir import RunDir
 
 
@@ -146,8 +146,7 @@ def markdown(report: dict) -> str:
 
 def write_report(out_dir: Path, report: dict) -> RunDir:
     """eval.json and eval.md, named as in a run directory."""
-    out = RunDir(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out = RunDir(make_directory(out_dir))
     write_json_atomic(out.eval_json, report)
     write_text_atomic(out.eval_md, markdown(report))
     return out

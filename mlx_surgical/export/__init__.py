@@ -11,6 +11,7 @@ from typing import Optional
 
 from ..adapter import read_adapter
 from ..errors import UserError
+from ..files import replace_problem
 from . import gguf, mlx, peft
 
 FORMATS = ("mlx", "peft", "gguf", "fused")
@@ -26,6 +27,9 @@ def export_adapter(adapter_dir: str | Path, fmt: str, out: Optional[str | Path] 
     out = Path(out) if out else Path(adapter_dir) / (f"export-{fmt}" + (".gguf" if fmt == "gguf" else ""))
     if out.exists() and not force:
         raise UserError(f"{out}: already exists; choose another --out or pass --force to replace it")
+    reads = [Path(adapter_dir)] + ([Path(base_model)] if base_model and Path(base_model).exists() else [])
+    if problem := replace_problem(out, reads, folder=fmt != "gguf"):
+        raise UserError(problem)
     if fmt == "fused":
         from . import fused  # loads MLX and the base model: imported only when asked for
 
