@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import free_port
 
 from mlx_surgical.cli import cli
 from mlx_surgical.data import sample_path
@@ -199,6 +200,6 @@ def test_an_output_folder_that_cannot_be_made_is_one_line_before_any_work(traine
         result = CliRunner().invoke(cli, command)
         assert result.exit_code == 2 and f"{blocker}/" in result.output and "cannot be written" in result.output, \
             result.output
-    served = subprocess.run([sys.executable, "-m", "mlx_surgical", "serve", "--port", "0", "--workspace",
+    served = subprocess.run([sys.executable, "-m", "mlx_surgical", "serve", "--port", str(free_port()), "--workspace",
                              str(blocker / "workspace")], capture_output=True, text=True, timeout=120)
     assert served.returncode == 2 and "cannot be written" in served.stderr and "Traceback" not in served.stderr
