@@ -225,6 +225,8 @@ def plan_cmd(config, other, as_json, no_probe, ranks):
     """Trainable parameters, adapter size, memory, schedule and time, before a run."""
     run_config, name = _load_config_arg(config)
     other_config, other_name = _load_config_arg(other) if other else (None, "")  # both read before any probe
+    if other_name == name:  # two configs of one file name, or one twice: named as given, so each has a column
+        name, other_name = config, other if other != config else f"{other} (again)"
     from .plan import format_plan, plan_run
 
     plan = plan_run(run_config, probe=not no_probe, ranks=ranks)

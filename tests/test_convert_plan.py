@@ -133,6 +133,12 @@ def test_plan_compare_and_json_through_the_cli(tmp_path):
     assert both["nuclear"]["schedule"]["updates"] == 2900
     text = CliRunner().invoke(cli, ["plan", str(surgical), "--compare", str(nuclear)]).output
     assert "6,291,456" in text and "trainable parameters" in text
+    (tmp_path / "other").mkdir()
+    namesake = tmp_path / "other" / "surgical.json"
+    namesake.write_text(nuclear.read_text())
+    for other, keys in ((namesake, [str(surgical), str(namesake)]), (surgical, [str(surgical), f"{surgical} (again)"])):
+        same_name = CliRunner().invoke(cli, ["plan", str(surgical), "--compare", str(other), "--json"])
+        assert list(json.loads(same_name.output)) == keys  # two columns, not one
 
 
 def test_plan_on_a_local_model_matches_training(make_config):

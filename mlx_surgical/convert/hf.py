@@ -26,7 +26,7 @@ def convert(source: str, out: Path, bits: Optional[int], group_size: int, dtype:
             progress: bool) -> Path:
     """source: a Hugging Face repo id or a local Hugging Face model directory. bits=None keeps
     the weights unquantized in `dtype`."""
-    model_dir = local_model_dir(source, revision, download=True)
+    model_dir = local_model_dir(source, revision, download=True, where="SOURCE")
     config = read_model_config(model_dir)
     check_llama_family(config, f"{source}: config.json")
     rope = mlx_lm_rope(config, f"{source}: config.json")
