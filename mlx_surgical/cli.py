@@ -247,7 +247,8 @@ def plan_cmd(config, other, as_json, no_probe, ranks):
               show_default=True, help=setting_help(ConvertConfig, "group_size"))
 @click.option("--dtype", type=click.Choice(ConvertConfig.DTYPES), default=None, help=setting_help(ConvertConfig, "dtype"))
 @click.option("--revision", default=None, help="Hub revision when SOURCE is a repo id.")
-@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@click.option("--force", is_flag=True,
+              help="Replace an earlier converted model at --out (never the source or a folder holding it).")
 @user_errors
 def convert_cmd(source, out, bits, group_size, dtype, revision, force):
     """Convert a Llama-family model to MLX, quantized (4-bit by default).
@@ -266,7 +267,8 @@ def convert_cmd(source, out, bits, group_size, dtype, revision, force):
 @click.option("--out", default=None, help="Output path (default: inside the run directory).")
 @click.option("--base-model", default=None, help="fused: base model to merge into (default: the one trained on).")
 @click.option("--dequantize", is_flag=True, help="fused: write float weights even from a quantized base.")
-@click.option("--force", is_flag=True, help="Replace an existing export.")
+@click.option("--force", is_flag=True,
+              help="Replace an earlier export at --out (never the run itself or a folder holding it).")
 @user_errors
 def export_cmd(adapter_dir, fmt, out, base_model, dequantize, force):
     """Export an adapter for mlx-lm, PEFT, llama.cpp/Ollama (GGUF) or as a fused model.
