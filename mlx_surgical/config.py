@@ -262,6 +262,12 @@ def config_from_dict(raw: Any, source: str = "config", base_dir: Optional[Path] 
     return config
 
 
+def _text_problem(where: str, setting: Any) -> Optional[str]:
+    """What is wrong with the strings of a setting (or of a list setting) that are not text, or None."""
+    texts = setting if isinstance(setting, list) else [setting]
+    return next((problem for text in texts if isinstance(text, str) and (problem := not_text(where, text))), None)
+
+
 def section_from_dict(key: str, value: Any, source: str, problems: list[str]):
     """One section's dataclass from its JSON object; unknown keys and wrong types are added to
     problems (and left at their defaults)."""
@@ -275,9 +281,7 @@ def section_from_dict(key: str, value: Any, source: str, problems: list[str]):
             problems.append(_unknown_key(f"{source}: {key}.", name, hints))
         elif not _matches(setting, hints[name]):
             problems.append(f"{source}: {key}.{name}: expected {_type_name(hints[name])}, got {json.dumps(setting)[:60]}")
-        elif problem := next(filter(None, (not_text(f"{source}: {key}.{name}", text) for text in
-                                           (setting if isinstance(setting, list) else [setting])
-                                           if isinstance(text, str))), None):
+        elif problem := _text_problem(f"{source}: {key}.{name}", setting):
             problems.append(problem)
         else:
             kwargs[name] = float(setting) if hints[name] is float else setting
