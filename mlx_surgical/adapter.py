@@ -9,6 +9,8 @@ place that writes and reads both files; surgery.py attaches adapters to a model 
 Nothing here imports MLX: weights are read and written as numpy arrays.
 """
 
+import math
+import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Optional
@@ -17,11 +19,11 @@ import numpy as np
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from .config import LoraConfig
+from .config import DataConfig, LoraConfig
 from .errors import UserError, parse_user_json, read_user_text
 from .files import staged_file, write_json_atomic
 from .rundir import ADAPTER_CONFIG, ADAPTER_FILE, require_directory
-from .shape import PROJECTION_PATHS, PROJECTIONS, ModelShape, local_shape
+from .shape import FINGERPRINT_KEYS, PROJECTION_PATHS, PROJECTIONS, ModelShape, local_shape
 
 LAYER_PREFIX = "model.layers."  # "model.layers.3.self_attn.q_proj.lora_a"
 
@@ -58,6 +60,7 @@ class PromptRecord:
 
 
 PROMPT_FIELDS = {f.name for f in fields(PromptRecord)}
+PROMPT_FORMATS = typing.get_args(typing.get_type_hints(DataConfig)["prompt_format"])
 
 
 @dataclass
@@ -109,17 +112,36 @@ class AdapterConfig:
             base = raw.get("base_model")
             if isinstance(base, dict) and base.get("config"):
                 BaseModelRecord(**base).model_shape()  # a damaged record fails here, not in an exporter
-            return cls(rank=rank, scale=scale, alpha=float(raw.get("lora_alpha") or scale * rank),
-                       dropout=float(params.get("dropout", 0.0)),
-                       target_modules=[p for p in PROJECTIONS if PROJECTION_PATHS[p] in keys],
-                       num_layers=int(raw["num_layers"]),
-                       base=BaseModelRecord(**base) if isinstance(base, dict) and base.get("config") else None,
-                       prompt=PromptRecord(**{k: v for k, v in (raw.get("prompt") or {}).items()
-                                              if k in PROMPT_FIELDS}),  # a newer version may add more
-                       update=raw.get("update"), val_loss=raw.get("val_loss"))
+            config = cls(rank=rank, scale=scale, alpha=float(raw.get("lora_alpha") or scale * rank),
+                         dropout=float(params.get("dropout", 0.0)),
+                         target_modules=[p for p in PROJECTIONS if PROJECTION_PATHS[p] in keys],
+                         num_layers=int(raw["num_layers"]),
+                         base=BaseModelRecord(**base) if isinstance(base, dict) and base.get("config") else None,
+                         prompt=PromptRecord(**{k: v for k, v in (raw.get("prompt") or {}).items()
+                                                if k in PROMPT_FIELDS}),  # a newer version may add more
+                         update=raw.get("update"), val_loss=raw.get("val_loss"))
         # AttributeError: a list where an object belongs; OverflowError: an infinite rank or layer count
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             raise UserError(f"{source}: not a LoRA adapter config mlx_surgical can read ({type(e).__name__}: {e})")
+        if problems := config._value_problems():
+            raise UserError(*(f"{source}: {p}; train the adapter again or restore the file" for p in problems))
+        return config
+
+    def _value_problems(self) -> list[str]:
+        """Values that read as numbers and strings but that no adapter has: every consumer
+        (generation, evaluation, the exporters) would otherwise use them silently."""
+        problems = [f"{name} is {value}, not a finite number"
+                    for name, value in (("lora_parameters.scale", self.scale), ("lora_alpha", self.alpha),
+                                        ("lora_parameters.dropout", self.dropout))
+                    if not math.isfinite(value)]
+        problems += [f"{name} is {value}, not a positive whole number"
+                     for name, value in (("lora_parameters.rank", self.rank), ("num_layers", self.num_layers))
+                     if value < 1]
+        if self.base and self.base.model_shape().fingerprint() != self.base.fingerprint:
+            problems.append("base_model.fingerprint does not match the shape recorded beside it")
+        if self.prompt.format not in PROMPT_FORMATS:
+            problems.append(f"prompt.format is '{self.prompt.format}', not one of {', '.join(PROMPT_FORMATS)}")
+        return problems
 
     @classmethod
     def read(cls, directory: str | Path) -> "AdapterConfig":
@@ -150,10 +172,15 @@ class AdapterConfig:
 
     def base_mismatch(self, shape: ModelShape, base_path: str, directory: str | Path) -> Optional[str]:
         """Both models named, when `shape` is not the shape this adapter was trained on."""
-        if self.base and self.base.fingerprint != shape.fingerprint():
-            return (f"{directory}: this adapter was trained on {self.base.path} ({self.base.shape}), "
-                    f"not on {base_path} ({shape.describe()}); use the base model it was trained on")
-        return None
+        if not self.base or self.base.fingerprint == shape.fingerprint():
+            return None
+        recorded = self.base.model_shape()
+        theirs = shape.describe()
+        if theirs == self.base.shape:  # the summary hides what differs (head_dim, intermediate_size)
+            theirs += ": " + ", ".join(f"{key} {getattr(shape, key)}, not {getattr(recorded, key)}"
+                                       for key in FINGERPRINT_KEYS if getattr(recorded, key) != getattr(shape, key))
+        return (f"{directory}: this adapter was trained on {self.base.path} ({self.base.shape}), "
+                f"not on {base_path} ({theirs}); use the base model it was trained on")
 
     def check_fits(self, shape: ModelShape, base_path: str, directory: str | Path) -> None:
         """Refuse, naming both models, to apply this adapter to a base of another shape."""

@@ -116,9 +116,12 @@ def verify(root: str | Path, name: str, model_path: Optional[str] = None) -> lis
         problems, recorded = e.problems, {}
     for file, expected in recorded.items():
         path = run_dir / file
-        if PurePath(file).is_absolute() or ".." in PurePath(file).parts:  # never hash, nor probe, outside the run
+        # never hash, nor probe, outside the run: not by the path, nor through a link inside it
+        if PurePath(file).is_absolute() or ".." in PurePath(file).parts:
             problems.append(f"{run.info}: checksums: '{file}' is not a file inside the run directory; "
                             "delete that entry")
+        elif not path.resolve().is_relative_to(run_dir.resolve()):
+            problems.append(f"{path}: a link leading outside the run directory; put the file itself there")
         elif not path.exists():
             problems.append(f"{path}: missing (listed in {run.info.name})")
         elif path.is_dir():

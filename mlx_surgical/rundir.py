@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional, TypedDict, Union, get_args, get_origin, get_type_hints, is_typeddict
 
-from .config import OutputConfig, RunConfig, config_from_dict, parse_json_file
+from .config import MAX_NAME_LENGTH, RUN_NAME_CHARS, OutputConfig, RunConfig, config_from_dict, parse_json_file
 from .console import command_line, resume_command
 from .errors import Conflict, UserError, parse_user_json, read_user_text
 from .files import is_staging, read_jsonl, remove_staging_leftovers, sha256_file, write_failed, write_json_atomic
@@ -176,8 +176,11 @@ def now() -> str:
 
 
 def default_run_name(prefix: str, started: Optional[datetime] = None) -> str:
-    """A run's name when output.name is unset: what started it and when, e.g. my_run-20261201-093000."""
-    return f"{prefix}-{(started or datetime.now()).strftime('%Y%m%d-%H%M%S')}"
+    """A run's name when output.name is unset: what started it and when, e.g. my_run-20261201-093000.
+    The prefix (a config file's name) is made a plain name, as output.name must be."""
+    stamp = (started or datetime.now()).strftime("%Y%m%d-%H%M%S")
+    plain = "".join(c if c in RUN_NAME_CHARS else "_" for c in prefix).lstrip(".")
+    return f"{plain[:MAX_NAME_LENGTH - len(stamp) - 1] or 'run'}-{stamp}"
 
 
 @dataclass

@@ -27,6 +27,9 @@ PROJECTION_PATHS = {
 PROJECTIONS = tuple(PROJECTION_PATHS)
 
 LLAMA_FAMILY = ("llama", "mistral")
+# What an adapter depends on: equal for a model and its quantized conversions.
+FINGERPRINT_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                    "num_kv_heads", "vocab_size", "head_dim")
 
 
 @dataclass(frozen=True)
@@ -100,9 +103,7 @@ class ModelShape:
     def fingerprint(self) -> str:
         """Identifies the architecture an adapter fits: equal for a model and its quantized
         conversions, different for any other shape."""
-        keys = ("model_type", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                "num_kv_heads", "vocab_size", "head_dim")
-        canonical = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
+        canonical = json.dumps({k: getattr(self, k) for k in FINGERPRINT_KEYS}, sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
     def describe(self) -> str:

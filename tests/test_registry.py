@@ -52,6 +52,13 @@ def test_verify_catches_tampering_and_a_wrong_base(trained_run, tiny_model, othe
     assert "needs A (128, 8)" in wrong.output and str(other_tiny_model) in wrong.output
     assert (f"this adapter was trained on {tiny_model} (llama 2 layers x hidden 64" in wrong.output
             and f"not on {other_tiny_model} (llama 3 layers x hidden 128" in wrong.output), wrong.output
+    wider = tmp_path / "wider-mlp"  # the same summary line, another shape: the message says what differs
+    shutil.copytree(tiny_model, wider)
+    config = json.loads((wider / "config.json").read_text())
+    (wider / "config.json").write_text(json.dumps({**config, "intermediate_size": 2 * config["intermediate_size"]}))
+    wrong = run("adapters", "--root", str(root), "verify", run_dir.name, "--model", str(wider))
+    assert wrong.exit_code == 2
+    assert f"intermediate_size {2 * config['intermediate_size']}, not {config['intermediate_size']})" in wrong.output
 
     data = bytearray((run_dir / "adapters.safetensors").read_bytes())
     data[-1] ^= 0xFF
@@ -100,6 +107,14 @@ DAMAGED_RUNS = {  # name: (file, the hand edit, what the problem line says)
     "rank-inf": ("adapter_config.json", _inside("lora_parameters", rank=float("inf")),
                  "not a LoRA adapter config mlx_surgical can read (OverflowError"),
     "base-path-int": ("adapter_config.json", _inside("base_model", path=5), "base_model: path of the wrong type"),
+    "scale-nan": ("adapter_config.json", _inside("lora_parameters", scale=float("nan")),
+                  "lora_parameters.scale is nan, not a finite number"),
+    "rank-zero": ("adapter_config.json", _inside("lora_parameters", rank=0),
+                  "lora_parameters.rank is 0, not a positive whole number"),
+    "prompt-format": ("adapter_config.json", _inside("prompt", format="alpaca"),
+                      "prompt.format is 'alpaca', not one of auto, chat_template, llama2"),
+    "fingerprint": ("adapter_config.json", _inside("base_model", fingerprint="0" * 16),
+                    "base_model.fingerprint does not match the shape recorded beside it"),
     "data-empty": ("run.json", _with(data={}), "run.json: data.hash must be a string, not missing"),
     "best-str": ("run.json", _with(best="x"), "run.json: best must be an object, not a string"),
     "final-list": ("run.json", _with(final=[1]), "run.json: final must be an object, not a list"),
@@ -153,6 +168,16 @@ def test_verify_hashes_nothing_outside_the_run_and_no_directory(trained_run, tmp
     (run_dir / "adapters.safetensors").mkdir()
     refused = run("adapters", "--root", str(root), "verify", run_dir.name)
     assert refused.exit_code == 2 and "adapters.safetensors: is a directory, not a file" in refused.output
+
+
+def test_verify_follows_no_link_out_of_the_run(trained_run, tmp_path):
+    root, run_dir = copy_run(trained_run, tmp_path)
+    outside = tmp_path / "elsewhere.safetensors"
+    shutil.move(run_dir / "adapters.safetensors", outside)
+    (run_dir / "adapters.safetensors").symlink_to(outside)
+    refused = run("adapters", "--root", str(root), "verify", run_dir.name)
+    assert refused.exit_code == 2, refused.output
+    assert "adapters.safetensors: a link leading outside the run directory" in refused.output
 
 
 def test_a_name_longer_than_the_file_system_allows_is_not_found(trained_run, tmp_path):

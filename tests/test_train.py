@@ -19,13 +19,14 @@ from mlx_surgical.backend import blas_thread_count
 from mlx_surgical.batches import collate
 from mlx_surgical.callbacks import Checkpointer
 from mlx_surgical.checkpoint import TrainState, latest_checkpoint
-from mlx_surgical.config import LoraConfig, TrainingConfig, save_config
+from mlx_surgical.config import LoraConfig, TrainingConfig, is_plain_name, save_config
 from mlx_surgical.console import resume_command
 from mlx_surgical.errors import TrainingDiverged, TrainingInterrupted, UserError
 from mlx_surgical.loss import training_loss
 from mlx_surgical.model import load_model
 from mlx_surgical.pipeline import resume_run, train_run
 from mlx_surgical.plan import lora_parameter_count
+from mlx_surgical.registry import list_adapters
 from mlx_surgical.prompt import Sample
 from mlx_surgical.surgery import HashDropout, attach_lora
 from mlx_surgical.train import (LoopSettings, evaluate, learning_rate_schedule, make_optimizer, schedule_for,
@@ -353,3 +354,14 @@ def test_every_seed_the_config_accepts_trains(make_config):
     """training.seed takes any 64-bit value; each micro-batch's dropout key is derived from it."""
     result = train_run(make_config(iters=2, seed=2 ** 64 - 1), progress=False, log=lambda _: None)
     assert result.status == "succeeded" and math.isfinite(result.final_loss)
+
+
+def test_a_run_named_after_any_config_file_gets_a_plain_name(make_config):
+    """Without output.name a run is named after its config file and start time; a file name with
+    spaces, or longer than a run name may be, still gives a name the registry and the server take."""
+    config = make_config(iters=1)
+    config.output.name = None
+    result = train_run(config, config_name="my config " + "x" * 300, progress=False, log=lambda _: None)
+    name = result.run_dir.name
+    assert result.status == "succeeded" and is_plain_name(name) and name.startswith("my_config_xxx"), name
+    assert [e.name for e in list_adapters(config.output.dir)] == [name]
