@@ -348,8 +348,9 @@ def on_cpu_backend() -> bool:
 
 
 def training_dtype(requested: str) -> str:
-    """model.dtype as training uses it: 'auto' is float32 on the CPU backend, where it is the
-    only dtype that reaches the fast BLAS, and the stored dtype elsewhere (Metal, CUDA)."""
+    """model.dtype as training (and so evaluation and generation) uses it: 'auto' is float32 on
+    the CPU backend, where it is the only dtype that reaches the fast BLAS, and the stored dtype
+    elsewhere (Metal, CUDA)."""
     return "float32" if requested == "auto" and on_cpu_backend() else requested
 
 

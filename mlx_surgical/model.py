@@ -20,6 +20,7 @@ from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS, load
 from mlx_lm.utils import load_tokenizer as mlx_load_tokenizer
 from safetensors import SafetensorError, safe_open
 
+from .backend import training_dtype
 from .config import parse_json_file, preset_path
 from .errors import UserError
 from .shape import ModelShape, local_shape, read_model_config
@@ -185,10 +186,12 @@ class LoadedModel:
     path: Path
 
 
-def load_model(path: str, revision: Optional[str] = None, dtype: str = "auto",
+def load_model(path: str, revision: Optional[str] = None, dtype: Optional[str] = "auto",
                where: str = "model.path") -> LoadedModel:
     """Load weights and tokenizer with mlx-lm, after the checks of inspect_model_dir, with RoPE
-    settings that only transformers 5's form states passed to mlx-lm as it reads them."""
+    settings that only transformers 5's form states passed to mlx-lm as it reads them.
+    `dtype` is a model.dtype setting (training, evaluation and generation compute alike), or
+    None to keep the stored dtype (a fused export writes the base's own)."""
     model_dir = local_model_dir(path, revision, download=True, where=where)
     shape = inspect_model_dir(model_dir)
     config = read_model_config(model_dir)
@@ -196,6 +199,7 @@ def load_model(path: str, revision: Optional[str] = None, dtype: str = "auto",
         model, tokenizer = load(str(model_dir), model_config=mlx_lm_rope(config, str(model_dir / "config.json")))
     except (ValueError, RuntimeError, OSError) as e:  # weights that do not fit the config, unreadable files
         raise UserError(f"{model_dir}: the model cannot be loaded ({type(e).__name__}: {e})") from None
-    if dtype != "auto":
+    dtype = training_dtype(dtype) if dtype else None
+    if dtype and dtype != "auto":
         model.set_dtype(getattr(mx, dtype))
     return LoadedModel(model, quiet_tokenizer(tokenizer), shape, model_dir)

@@ -85,7 +85,7 @@ def apply_adapter(model: nn.Module, adapter_dir: str | Path, shape: ModelShape, 
 
 
 def load_with_adapter(model_path: str, adapter_dir: Optional[str | Path] = None, progress: bool = False,
-                      where: str = "model.path", dtype: str = "auto") -> LoadedModel:
+                      where: str = "model.path", dtype: Optional[str] = "auto") -> LoadedModel:
     """The base model, with the adapter attached when one is given (base_only below gives the
     base model's outputs from the same weights)."""
     with working(f"loading {model_path}", progress):

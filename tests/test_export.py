@@ -10,7 +10,10 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from safetensors import safe_open
 
+from mlx_surgical.backend import on_cpu_backend
+from mlx_surgical.convert import convert_model
 from mlx_surgical.errors import UserError
 from mlx_surgical.export import export_adapter
 from mlx_surgical.adapter import read_adapter
@@ -179,6 +182,21 @@ def test_fused_model_matches_base_plus_adapter(trained_run, tiny_model, tmp_path
     # Tolerance: W + s*B^T A^T is rounded once to float32; measured max difference ~4e-6.
     np.testing.assert_allclose(np.array(model(mx.array([PROMPT_IDS]))), adapted_logits(tiny_model, trained_run),
                                atol=1e-4)
+
+
+def test_a_float16_base_computes_in_float32_on_the_cpu_and_fuses_in_float16(trained_run, tiny_model, tmp_path):
+    """model.dtype 'auto': evaluation and generation compute in the dtype training used (float32
+    on MLX's CPU backend, 30x faster there than float16), while a fused export keeps the base's."""
+    from mlx.utils import tree_flatten
+
+    half = convert_model(str(tiny_model), tmp_path / "half", bits=None, dtype="float16", progress=False,
+                         log=lambda _: None)
+    loaded = load_with_adapter(str(half), trained_run)
+    computing = {v.dtype for _, v in tree_flatten(loaded.model.parameters())}
+    assert computing == ({mx.float32} if on_cpu_backend() else {mx.float16}), computing
+    fused = export_adapter(trained_run, "fused", tmp_path / "fused", base_model=str(half))
+    with safe_open(str(fused / "model.safetensors"), "numpy") as weights:
+        assert {weights.get_tensor(k).dtype for k in weights.keys()} == {np.dtype("float16")}
 
 
 def test_adapter_refuses_a_base_model_of_another_shape(trained_run, other_tiny_model):

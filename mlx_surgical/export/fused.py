@@ -20,7 +20,8 @@ def write(adapter: Adapter, out: Path, base_model: Optional[str] = None, dequant
     base = base_model or adapter.config.local_base_model
     if not base:
         raise UserError(f"{adapter.directory}: the adapter does not name its base model; pass --base-model")
-    loaded = load_with_adapter(base, adapter.directory, where="--base-model" if base_model else "the base model")
+    loaded = load_with_adapter(base, adapter.directory, where="--base-model" if base_model else "the base model",
+                               dtype=None)  # the base's own dtype, not the one computing is fastest in
     model = fuse_lora(loaded.model, dequantize=dequantize)
     config = with_mlx_lm_rope(json.loads((loaded.path / "config.json").read_text()), str(loaded.path))
     if dequantize:
