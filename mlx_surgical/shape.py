@@ -7,6 +7,7 @@ Nothing here imports MLX (model.py loads models).
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -130,6 +131,25 @@ def check_llama_family(config: dict, source: str) -> None:
     if "rms_norm_eps" not in config:  # mlx-lm's ModelArgs requires it; the sizes are checked by ModelShape
         raise UserError(f"{source}: missing rms_norm_eps (every Llama config.json states it, often 1e-05 or 1e-06); "
                         "copy config.json from the original model")
+    # mlx-lm reads these without checking: a wrong type would be a traceback deep inside loading.
+    problems = [f"{source}: {key} is {json.dumps(config.get(key))}, not a positive number; copy config.json from "
+                "the original model" for key in ("rms_norm_eps", "rope_theta")
+                if key in config and not _positive_number(config[key])]
+    for key in ("rope_scaling", "rope_parameters"):
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            problems.append(f"{source}: {key} is {json.dumps(config[key])}, not an object (or null); copy "
+                            "config.json from the original model")
+    rope_parameters = config.get("rope_parameters")
+    theta = rope_parameters.get("rope_theta") if isinstance(rope_parameters, dict) else None
+    if theta is not None and not _positive_number(theta):
+        problems.append(f"{source}: rope_parameters.rope_theta is {json.dumps(theta)}, not a positive number; copy "
+                        "config.json from the original model")
+    if problems:
+        raise UserError(*problems)
+
+
+def _positive_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < math.inf
 
 
 def local_shape(model_dir: Path) -> ModelShape:

@@ -34,6 +34,14 @@ def broken_model(tmp_path: Path, tiny_model: Path, damage) -> Path:
     return model
 
 
+def edited_config(**changes):
+    """A hand edit of a model's config.json: some keys replaced."""
+    def edit(model: Path):
+        path = model / "config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return edit
+
+
 def nested(depth: int) -> str:
     return '{"model": ' * depth + "1" + "}" * depth
 
@@ -69,6 +77,13 @@ CASES = {
         t, m, lambda d: (d / "config.json").write_text(json.dumps(
             {k: v for k, v in json.loads((d / "config.json").read_text()).items() if k != "rms_norm_eps"})))),
         "config.json: missing rms_norm_eps"),
+    "config.json rope_theta a list": (lambda t, m: write_config(t, broken_model(t, m, edited_config(rope_theta=[1e4]))),
+                                      "config.json: rope_theta is [10000.0], not a positive number"),
+    "config.json rope_scaling a string": (lambda t, m: write_config(t, broken_model(
+        t, m, edited_config(rope_scaling="linear"))), 'config.json: rope_scaling is "linear", not an object'),
+    "config.json rope_parameters' theta a string": (lambda t, m: write_config(t, broken_model(
+        t, m, edited_config(rope_parameters={"rope_theta": "1e4"}))),
+        'config.json: rope_parameters.rope_theta is "1e4", not a positive number'),
     "weights empty": (lambda t, m: write_config(t, broken_model(
         t, m, lambda d: (d / "model.safetensors").write_bytes(b""))), "model.safetensors: it is not a whole safetensors file"),
     "weights truncated": (lambda t, m: write_config(t, broken_model(
