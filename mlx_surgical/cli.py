@@ -94,7 +94,7 @@ def quickstart_cmd(out, real, model_dir, epochs, no_progress):
 @click.option("--heads", type=POSITIVE, default=4, show_default=True)
 @click.option("--kv-heads", type=POSITIVE, default=2, show_default=True)
 @click.option("--vocab-size", type=POSITIVE, default=512, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @user_errors
 def tiny_model_cmd(out_dir, layers, hidden_size, intermediate_size, heads, kv_heads, vocab_size, seed):
     """Write a tiny random Llama model with a real SentencePiece tokenizer."""

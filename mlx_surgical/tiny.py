@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 
 from .data import bundled_texts
 from .errors import UserError
-from .files import make_directory
+from .files import staged_directory
 
 # Llama-2 / CodeLlama special token ids: <unk>=0, <s>=1, </s>=2.
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -178,16 +178,17 @@ def build_tiny_model(out_dir: str | Path, shape: TinyShape = TinyShape(), seed: 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise UserError(f"{out}: {'directory is not empty' if out.is_dir() else 'is a file'}; choose a new "
                         "directory for the tiny model")
-    make_directory(out)
-
-    (out / "config.json").write_text(json.dumps(shape.hf_config(), indent=2) + "\n")
-    save_file(random_weights(shape, seed), str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "tokenizer.model").write_bytes(train_sentencepiece(min(shape.vocab_size, MAX_TOKENIZER_PIECES)))
-    (out / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2) + "\n")
-    special = {k: TOKENIZER_CONFIG[k] for k in ("bos_token", "eos_token", "unk_token")}
-    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
-    # A tokenizer.json converted by transformers itself lets both loaders skip the slow
-    # SentencePiece conversion; tokenizer.model stays for llama.cpp's converter.
-    AutoTokenizer.from_pretrained(str(out)).backend_tokenizer.save(str(out / "tokenizer.json"))
-    (out / "tiny_model.json").write_text(json.dumps({"seed": seed, **asdict(shape)}, indent=2) + "\n")
+    if seed < 0:
+        raise UserError(f"seed: {seed} is negative; give a seed of 0 or more")
+    with staged_directory(out) as staging:  # a failure leaves no half-written model behind
+        (staging / "config.json").write_text(json.dumps(shape.hf_config(), indent=2) + "\n")
+        save_file(random_weights(shape, seed), str(staging / "model.safetensors"), metadata={"format": "pt"})
+        (staging / "tokenizer.model").write_bytes(train_sentencepiece(min(shape.vocab_size, MAX_TOKENIZER_PIECES)))
+        (staging / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG, indent=2) + "\n")
+        special = {k: TOKENIZER_CONFIG[k] for k in ("bos_token", "eos_token", "unk_token")}
+        (staging / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+        # A tokenizer.json converted by transformers itself lets both loaders skip the slow
+        # SentencePiece conversion; tokenizer.model stays for llama.cpp's converter.
+        AutoTokenizer.from_pretrained(str(staging)).backend_tokenizer.save(str(staging / "tokenizer.json"))
+        (staging / "tiny_model.json").write_text(json.dumps({"seed": seed, **asdict(shape)}, indent=2) + "\n")
     return out

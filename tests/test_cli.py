@@ -171,6 +171,7 @@ def test_the_hint_for_a_missing_model_folder_pastes(pasted):
     (["serve", "--max-body-mb", "nan"], "--max-body-mb"),
     (["tiny-model", "{tmp}/x", "--heads", "0"], "--heads"),
     (["tiny-model", "{tmp}/x", "--layers", "0"], "--layers"),
+    (["tiny-model", "{tmp}/x", "--seed", "-1"], "--seed"),
     (["quickstart", "--epochs", "0"], "--epochs"),
     (["generate", "--max-tokens", "-1", "hi"], "--max-tokens"),
 ])

@@ -1,5 +1,7 @@
 """The tiny model factory: loadable by mlx-lm and by transformers, deterministic, real tokenizer."""
 
+import errno
+
 import numpy as np
 import pytest
 
@@ -54,6 +56,21 @@ def test_refuses_bad_shapes_and_non_empty_directories(tiny_model, tmp_path):
         build_tiny_model(tmp_path / "x", TinyShape(hidden_size=60, heads=8))
     with pytest.raises(UserError, match="not empty"):
         build_tiny_model(tiny_model)
+
+
+def test_a_build_that_fails_part_way_leaves_nothing_behind(tmp_path, monkeypatch):
+    """The disk fills while the tokenizer is written: no half model that a second try refuses."""
+    import mlx_surgical.tiny as tiny
+
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tiny, "train_sentencepiece", disk_full)
+    with pytest.raises(UserError, match="No space left on device"):
+        build_tiny_model(tmp_path / "model")
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    assert (build_tiny_model(tmp_path / "model") / "tokenizer.json").exists()
 
 
 def test_a_vocab_larger_than_the_tokenizer_and_tied_embeddings(tmp_path):
