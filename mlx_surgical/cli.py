@@ -14,7 +14,7 @@ import click
 from . import __version__
 from .config import ConvertConfig, EvalConfig, OutputConfig, ServeConfig, help_lines, load_config, preset_names, preset_path, setting_help
 from .console import is_terminal, printable
-from .errors import TrainingInterrupted, UserError, not_text
+from .errors import TrainingInterrupted, UserError
 from .export import FORMATS
 
 
@@ -167,26 +167,16 @@ def config_help_cmd():
 @user_errors
 def generate_cmd(model_path, adapter_dir, max_tokens, compare, prompt):
     """Answer PROMPT (or stdin) with the base model, with or without an adapter."""
-    from .generate import base_model_for, compare_answers, prompt_format_for, stream_answer
-    from .surgery import load_with_adapter
+    from .generate import generate
 
-    if compare and adapter_dir is None:
-        raise UserError("generate --compare needs --adapter")
-    base_model = base_model_for(model_path, adapter_dir)
-    if prompt is None:
+    def read_prompt():
+        if prompt is not None:
+            return prompt
         if is_terminal(sys.stdin):
             click.echo("reading the prompt from the terminal; end it with Ctrl-D (or give it as an argument)", err=True)
-        prompt = sys.stdin.read()
-    if not prompt.strip():
-        raise UserError("generate: give a PROMPT argument or text on stdin")
-    if problem := not_text("generate: the prompt", prompt):
-        raise UserError(problem)
-    loaded = load_with_adapter(base_model, adapter_dir, progress=True, where="--model")
-    if compare:
-        base, adapted = compare_answers(loaded, adapter_dir, prompt, max_tokens)
-        click.echo(f"=== base ===\n{printable(base)}\n=== adapted ===\n{printable(adapted)}")
-        return
-    for piece in stream_answer(loaded, prompt_format_for(loaded, adapter_dir), prompt, max_tokens):
+        return sys.stdin.buffer.read()
+
+    for piece in generate(model_path, adapter_dir, read_prompt, max_tokens, compare):
         click.echo(printable(piece), nl=False)
     click.echo()
 

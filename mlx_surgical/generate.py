@@ -1,17 +1,42 @@
 """Generate with a base model, with or without an adapter, prompting exactly as training did."""
 
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
 from .adapter import AdapterConfig
-from .errors import UserError
+from .errors import UserError, not_text, not_utf8
 from .model import LoadedModel
 from .prompt import PromptFormat
 from .rundir import require_directory
-from .surgery import base_only
+from .surgery import base_only, load_with_adapter
+
+
+def generate(model_path: Optional[str], adapter_dir: Optional[str], read_prompt: Callable[[], str | bytes],
+             max_tokens: int, compare: bool = False) -> Iterator[str]:
+    """What `mlx-surgical generate` prints, piece by piece: the answer streamed, or with `compare`
+    the base model's and the adapted model's in turn. The prompt (bytes when read from stdin) is
+    read after the checks, so no one types a prompt only to be told the command was wrong."""
+    if compare and adapter_dir is None:
+        raise UserError("generate --compare needs --adapter")
+    base_model = base_model_for(model_path, adapter_dir)
+    prompt = read_prompt()
+    if isinstance(prompt, bytes):
+        try:
+            prompt = prompt.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(not_utf8("generate: the prompt on stdin", e)) from None
+    if not prompt.strip():
+        raise UserError("generate: give a PROMPT argument or text on stdin")
+    if problem := not_text("generate: the prompt", prompt):
+        raise UserError(problem)
+    loaded = load_with_adapter(base_model, adapter_dir, progress=True, where="--model")
+    if compare:
+        base, adapted = compare_answers(loaded, adapter_dir, prompt, max_tokens)
+        return iter([f"=== base ===\n{base}\n=== adapted ===\n{adapted}"])
+    return stream_answer(loaded, prompt_format_for(loaded, adapter_dir), prompt, max_tokens)
 
 
 def base_model_for(model_path: Optional[str], adapter_dir: Optional[str | Path]) -> str:

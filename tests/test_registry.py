@@ -91,6 +91,12 @@ def test_generate_streams_and_compares(trained_run, tiny_model, other_tiny_model
     assert no_base.exit_code == 2 and "--model: name the base model" in no_base.output
     refused = run("generate", "--model", str(other_tiny_model), "--adapter", str(trained_run), "hi")
     assert refused.exit_code == 2 and "not on" in refused.output and "Traceback" not in refused.output
+    for prompt, problem in ((b"def f():\n\xff", "the prompt on stdin: not valid UTF-8 (byte 0xff at column 10)"),
+                            (b" \n", "give a PROMPT argument or text on stdin")):
+        refused = run("generate", "--model", str(tiny_model), input=prompt)
+        assert refused.exit_code == 2 and problem in refused.output, refused.output
+    refused = run("generate", "--compare", input=b"never read")
+    assert refused.exit_code == 2 and "generate --compare needs --adapter" in refused.output
 
 
 def _with(**changes):
