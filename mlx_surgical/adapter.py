@@ -11,7 +11,7 @@ Nothing here imports MLX: weights are read and written as numpy arrays.
 
 import math
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -22,7 +22,7 @@ from safetensors.numpy import load_file, save_file
 from .config import DataConfig, LoraConfig
 from .errors import UserError, parse_user_json, read_user_text
 from .files import staged_file, write_json_atomic
-from .rundir import ADAPTER_CONFIG, ADAPTER_FILE, require_directory
+from .rundir import ADAPTER_CONFIG, ADAPTER_FILE, from_json, require_directory
 from .shape import FINGERPRINT_KEYS, PROJECTION_PATHS, PROJECTIONS, ModelShape, local_shape
 
 LAYER_PREFIX = "model.layers."  # "model.layers.3.self_attn.q_proj.lora_a"
@@ -39,12 +39,6 @@ class BaseModelRecord:
     num_layers: int
     config: dict  # ModelShape's fields
 
-    def __post_init__(self):
-        # Read back from a file people edit: a wrong type is refused here, not in a table or an exporter.
-        wrong = [f.name for f in fields(self) if type(getattr(self, f.name)) is not f.type]
-        if wrong:
-            raise TypeError(f"base_model: {', '.join(wrong)} of the wrong type")
-
     def model_shape(self) -> ModelShape:
         return ModelShape(**self.config)
 
@@ -59,7 +53,6 @@ class PromptRecord:
     mask_prompt: bool = True
 
 
-PROMPT_FIELDS = {f.name for f in fields(PromptRecord)}
 PROMPT_FORMATS = typing.get_args(typing.get_type_hints(DataConfig)["prompt_format"])
 
 
@@ -109,16 +102,20 @@ class AdapterConfig:
             params = raw["lora_parameters"]
             rank, scale = int(params["rank"]), float(params["scale"])
             keys = params.get("keys") or ["self_attn.q_proj", "self_attn.v_proj"]  # mlx-lm's default
+            # Records read back from a file people edit: a wrong type is refused here, not in a table
+            # or an exporter; keys a newer version adds to them are left out.
             base = raw.get("base_model")
             if isinstance(base, dict) and base.get("config"):
-                BaseModelRecord(**base).model_shape()  # a damaged record fails here, not in an exporter
+                base = from_json(base, BaseModelRecord, "base_model", Path(source))
+                base.model_shape()  # a damaged shape record fails here too
+            else:
+                base = None
             config = cls(rank=rank, scale=scale, alpha=float(raw.get("lora_alpha") or scale * rank),
                          dropout=float(params.get("dropout", 0.0)),
                          target_modules=[p for p in PROJECTIONS if PROJECTION_PATHS[p] in keys],
                          num_layers=int(raw["num_layers"]),
-                         base=BaseModelRecord(**base) if isinstance(base, dict) and base.get("config") else None,
-                         prompt=PromptRecord(**{k: v for k, v in (raw.get("prompt") or {}).items()
-                                                if k in PROMPT_FIELDS}),  # a newer version may add more
+                         base=base,
+                         prompt=from_json(raw.get("prompt") or {}, PromptRecord, "prompt", Path(source)),
                          update=raw.get("update"), val_loss=raw.get("val_loss"))
         # AttributeError: a list where an object belongs; OverflowError: an infinite rank or layer count
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:

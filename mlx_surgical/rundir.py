@@ -225,7 +225,7 @@ _JSON_NAMES = {str: "a string", int: "a whole number", float: "a number", bool: 
                list: "a list", type(None): "null", type(MISSING): "missing"}
 
 
-def _from_json(value: Any, kind: Any, where: str, path: Path) -> Any:
+def from_json(value: Any, kind: Any, where: str, path: Path) -> Any:
     """`value`, read from run.json for the field `where` declared as `kind`, with its records
     rebuilt; a value of another type is refused naming the field, so no reader trips on it later."""
     if get_origin(kind) is Union:  # Optional[X]
@@ -239,18 +239,18 @@ def _from_json(value: Any, kind: Any, where: str, path: Path) -> Any:
                         f'correct it, or delete "{top}" from the file')
     args = get_args(kind)
     if is_dataclass(kind):  # unknown keys of a record are left out, as at the top level
-        return kind(**{f.name: _from_json(value.get(f.name, MISSING), f.type, f"{where}.{f.name}", path)
+        return kind(**{f.name: from_json(value.get(f.name, MISSING), f.type, f"{where}.{f.name}", path)
                        for f in fields(kind)
                        if f.name in value or (f.default is MISSING and f.default_factory is MISSING)})
     if is_typeddict(kind):
         for key, item_kind in get_type_hints(kind).items():
-            _from_json(value.get(key, MISSING), item_kind, f"{where}.{key}", path)
+            from_json(value.get(key, MISSING), item_kind, f"{where}.{key}", path)
     elif outer is list and args:
         for i, item in enumerate(value):
-            _from_json(item, args[0], f"{where}[{i}]", path)
+            from_json(item, args[0], f"{where}[{i}]", path)
     elif outer is dict and args:
         for key, item in value.items():
-            _from_json(item, args[1], f"{where}.{key}", path)
+            from_json(item, args[1], f"{where}.{key}", path)
     return value
 
 
@@ -293,7 +293,7 @@ class RunInfo:
                             "restore it, or delete it to keep the adapter as an exported one")
         raw.pop("base_model", None)  # kept by earlier versions; the base is recorded in adapter_config.json
         known = {f.name: f.type for f in fields(cls) if f.name != "extra"}
-        values = {k: _from_json(v, known[k], k, path) for k, v in raw.items() if k in known}
+        values = {k: from_json(v, known[k], k, path) for k, v in raw.items() if k in known}
         values.setdefault("name", Path(run_dir).name)
         values.setdefault("created", "")
         return cls(**values, extra={k: v for k, v in raw.items() if k not in known})

@@ -112,7 +112,9 @@ def _inside(key, **changes):
 DAMAGED_RUNS = {  # name: (file, the hand edit, what the problem line says)
     "rank-inf": ("adapter_config.json", _inside("lora_parameters", rank=float("inf")),
                  "not a LoRA adapter config mlx_surgical can read (OverflowError"),
-    "base-path-int": ("adapter_config.json", _inside("base_model", path=5), "base_model: path of the wrong type"),
+    "base-path-int": ("adapter_config.json", _inside("base_model", path=5), "base_model.path must be a string, not a whole number"),
+    "prompt-length-str": ("adapter_config.json", _inside("prompt", max_seq_length="2048"),
+                          "prompt.max_seq_length must be a whole number, not a string"),
     "scale-nan": ("adapter_config.json", _inside("lora_parameters", scale=float("nan")),
                   "lora_parameters.scale is nan, not a finite number"),
     "rank-zero": ("adapter_config.json", _inside("lora_parameters", rank=0),
