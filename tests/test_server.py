@@ -179,6 +179,10 @@ def test_bad_requests_are_refused_with_every_problem(start_server, tiny_model, t
         escape["data"] = {"train": "../../etc/passwd.jsonl"}
         refused = client.post("/api/training/start", json=escape)
         assert refused.status_code == 422 and "outside the workspace" in refused.json()["problems"][0]
+        escape["lora"] = {"rank": 0}  # every problem at once: the config's and the workspace's
+        refused = client.post("/api/training/start", json=escape)
+        assert refused.status_code == 422 and len(refused.json()["problems"]) == 2, refused.json()
+        assert "lora.rank" in refused.json()["problems"][0] and "outside the workspace" in refused.json()["problems"][1]
         elsewhere = job_config(tiny_model, "elsewhere")
         elsewhere["output"]["dir"] = "/tmp"
         assert client.post("/api/training/start", json=elsewhere).status_code == 422

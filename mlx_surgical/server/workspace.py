@@ -27,11 +27,17 @@ def prepare_config(raw: dict, store: JobStore) -> tuple[RunConfig, list[str]]:
     Returns it with validate's notes."""
     from ..pipeline import validate_run  # loads MLX, which the server otherwise needs only for /api/health's facts
 
-    config = config_from_dict(raw, source="config", base_dir=store.workspace)
-    problems = [p for name in ("train", "valid") if getattr(config.data, name) is not None
-                and (p := workspace_file(store, getattr(config.data, name), f"config: data.{name}"))]
-    if config.output.dir != OutputConfig.dir:
+    # The workspace's own rules, read from the request itself so they are reported with the config's.
+    data, output = (raw.get(name) if isinstance(raw, dict) and isinstance(raw.get(name), dict) else {}
+                    for name in ("data", "output"))
+    problems = [p for name in ("train", "valid") if isinstance(value := data.get(name), str)
+                and (p := workspace_file(store, value, f"config: data.{name}"))]
+    if output.get("dir", OutputConfig.dir) != OutputConfig.dir:
         problems.append("config: output.dir: runs are written to the workspace's adapters/; leave it unset")
+    try:  # whether a data file exists is told only of files inside the workspace
+        config = config_from_dict(raw, source="config", base_dir=None if problems else store.workspace)
+    except UserError as e:
+        raise UserError(*e.problems, *problems) from None
     if problems:
         raise UserError(*problems)
     resolve_data_paths(config, store.workspace)
