@@ -142,6 +142,10 @@ def inspect_model_dir(model_dir: Path) -> ModelShape:
     problem."""
     shape = local_shape(model_dir)
     problems = []
+    try:  # RoPE stated in both of transformers' forms, differently: found by validate, not only by loading
+        mlx_lm_rope(read_model_config(model_dir), str(model_dir / "config.json"))
+    except UserError as e:
+        problems += e.problems
     weights = sorted(model_dir.glob(WEIGHTS_GLOB))
     if not weights:
         problems.append(f"{model_dir}: no weights ({WEIGHTS_GLOB}); give an MLX or Hugging Face model directory "

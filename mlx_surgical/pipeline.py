@@ -69,13 +69,48 @@ def versions() -> dict:
             "python": platform.python_version(), "platform": platform.platform()}
 
 
-def data_hash(config: RunConfig) -> str:
+SPLITS = ("train", "valid")
+
+
+def data_hash(records: dict[str, list[Record]]) -> str:
     """Identifies the training and validation examples, whether in files or inline."""
     digest = hashlib.sha256()
-    for split in ("train", "valid"):
-        for record in split_records(config.data, split):
+    for split in SPLITS:
+        for record in records[split]:
             digest.update(json.dumps(record.fields, sort_keys=True).encode())
     return digest.hexdigest()[:16]
+
+
+def read_splits(config: RunConfig) -> tuple[dict[str, list[Record]], list[str]]:
+    """Both splits' examples, and every problem with either (the evaluation's examples among
+    them when the run ends with an evaluation); a split that cannot be read is left out."""
+    records, problems = {}, []
+    for split in SPLITS:
+        try:
+            records[split] = split_records(config.data, split)
+        except UserError as e:
+            problems += e.problems
+    if config.eval.enabled and "valid" in records:
+        try:
+            read_examples(records["valid"], config.eval.samples)
+        except UserError as e:
+            problems += e.problems
+    return records, problems
+
+
+def encode_splits(config: RunConfig, fmt: PromptFormat,
+                  records: dict[str, list[Record]]) -> tuple[dict[str, EncodedData], list[str]]:
+    """The splits read as training sees them, and every problem: an example over max_seq_length
+    with overlength 'error', a chat template that refuses one, no training example left."""
+    encoded, problems = {}, []
+    for split, rows in records.items():
+        try:
+            encoded[split] = encode_split(config, fmt, split, rows)
+        except UserError as e:
+            problems += e.problems
+    if records.get("train") and "train" in encoded and not encoded["train"].samples:
+        problems.append("training data: no example is left after length checks; raise training.max_seq_length")
+    return encoded, problems
 
 
 def new_run_dir(config: RunConfig, config_name: str, started: datetime) -> Path:
@@ -196,9 +231,9 @@ def _load_inputs(config: RunConfig, run: RunDir, resumed: Optional[RunInfo], pro
     before anything is written."""
     # Read (and check) the data before the model: a bad data file is reported in a second, not
     # after downloading or loading gigabytes.
-    records = {split: split_records(config.data, split) for split in ("train", "valid")}
-    if config.eval.enabled:
-        read_examples(records["valid"], config.eval.samples)
+    records, problems = read_splits(config)
+    if problems:
+        raise UserError(*problems)
     if speed_warnings:
         for warning in slow_path_warnings(config, model_shape(config.model.path, config.model.revision,
                                                               download=True)):
@@ -216,10 +251,13 @@ def _load_inputs(config: RunConfig, run: RunDir, resumed: Optional[RunInfo], pro
     if problems:
         raise UserError(*problems)
     fmt = PromptFormat.for_data(loaded.tokenizer, config.data)
-    train_data, valid_data = (encode_split(config, fmt, split, records[split]) for split in ("train", "valid"))
+    encoded, problems = encode_splits(config, fmt, records)
+    if problems:
+        raise UserError(*problems)
+    train_data, valid_data = encoded["train"], encoded["valid"]
     for line in train_data.report_lines("train") + valid_data.report_lines("valid"):
         log(line)
-    current_hash = data_hash(config)
+    current_hash = data_hash(records)
     if resumed and resumed.data is not None and resumed.data.hash != current_hash:
         raise UserError(f"{run.path}: the training data changed since this run started; "
                         "resume needs the same examples (or start a new run)")
@@ -394,38 +432,30 @@ def validate_run(config: RunConfig) -> list[str]:
     tokenizer = None
     path = config.model.path
     try:
-        if is_local(path) or looks_like_local_path(path):
+        try:
             model_dir = local_model_dir(path, config.model.revision, download=False)
-        else:  # a Hugging Face repo id: checked when it is already in the local cache
-            try:
-                model_dir = local_model_dir(path, config.model.revision, download=False)
-            except UserError:
-                model_dir = None
-                notes.append(f"model {path} is not local: its files and the example lengths not checked")
+        except UserError:
+            if is_local(path) or looks_like_local_path(path):
+                raise
+            model_dir = None  # a Hugging Face repo id, checked once it is in the local cache
+            notes.append(f"model {path} is not local: its files and the example lengths not checked")
         if model_dir is not None:
             problems += lora_problems(config.lora, inspect_model_dir(model_dir), path)
             tokenizer = load_tokenizer(str(model_dir))
     except UserError as e:
         problems += e.problems
     problems += output_problems(config.output.dir, config.output.name)
-    for split in ("train", "valid"):
-        try:
-            records = split_records(config.data, split)
-            if tokenizer is not None and records:
-                fmt = PromptFormat.for_data(tokenizer, config.data)
-                encoded[split] = encode_split(config, fmt, split, records)
-                notes += encoded[split].report_lines(split)
-            notes.append(f"{split}: {counted(len(records), 'example')}")
-            if split == "valid" and config.eval.enabled:  # as train checks them before it starts
-                read_examples(records, config.eval.samples)
-        except UserError as e:
-            problems += e.problems
-    if "train" in encoded:
-        if not encoded["train"].samples:
-            problems.append("training data: no example is left after length checks; raise training.max_seq_length")
-        else:
-            updates = schedule_for(len(encoded["train"].samples), config.training).updates
-            notes.append(f"schedule: {counted(updates, 'optimizer update')}")
+    records, data_problems = read_splits(config)
+    problems += data_problems
+    if tokenizer is not None:
+        encoded, encoding_problems = encode_splits(config, PromptFormat.for_data(tokenizer, config.data), records)
+        problems += encoding_problems
+    for split in records:
+        notes += [*(encoded[split].report_lines(split) if split in encoded else []),
+                  f"{split}: {counted(len(records[split]), 'example')}"]
+    if encoded.get("train") and encoded["train"].samples:
+        updates = schedule_for(len(encoded["train"].samples), config.training).updates
+        notes.append(f"schedule: {counted(updates, 'optimizer update')}")
     if problems:
         raise UserError(*problems)
     return notes

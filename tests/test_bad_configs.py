@@ -84,6 +84,9 @@ CASES = {
     "config.json rope_parameters' theta a string": (lambda t, m: write_config(t, broken_model(
         t, m, edited_config(rope_parameters={"rope_theta": "1e4"}))),
         'config.json: rope_parameters.rope_theta is "1e4", not a positive number'),
+    "config.json's two RoPE forms disagree": (lambda t, m: write_config(t, broken_model(
+        t, m, edited_config(rope_theta=10000.0, rope_parameters={"rope_theta": 100000.0, "rope_type": "default"}))),
+        "config.json: rope_theta 10000.0 disagrees with rope_parameters.rope_theta 100000"),
     "weights empty": (lambda t, m: write_config(t, broken_model(
         t, m, lambda d: (d / "model.safetensors").write_bytes(b""))), "model.safetensors: it is not a whole safetensors file"),
     "weights truncated": (lambda t, m: write_config(t, broken_model(
@@ -137,6 +140,19 @@ def test_a_bad_config_is_one_clear_line(tiny_model, tmp_path, case, command):
     errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
     assert any(words in line for line in errors), result.output
     assert not (tmp_path / "adapters").exists() or not any((tmp_path / "adapters").iterdir())
+
+
+@pytest.mark.parametrize("command", ["validate", "train"])
+def test_both_splits_problems_are_reported_at_once(tiny_model, tmp_path, command):
+    """validate and train read the data with the same code: every split's problem in one go."""
+    (tmp_path / "train.jsonl").write_text('{"instruction": "a"}\n')
+    (tmp_path / "valid.jsonl").write_text('{"instruction": "a", "response": "b"}\nnot json\n')
+    config = write_config(tmp_path, tiny_model, data={"train": str(tmp_path / "train.jsonl"),
+                                                     "valid": str(tmp_path / "valid.jsonl")})
+    result = CliRunner().invoke(cli, [command, str(config)] + (["--no-progress"] if command == "train" else []))
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert result.exit_code == 2 and len(errors) == 2, result.output
+    assert "train.jsonl:1: field 'response'" in errors[0] and "valid.jsonl:2: malformed JSON" in errors[1]
 
 
 def test_a_full_disk_is_one_clear_line(tiny_model, tmp_path):
