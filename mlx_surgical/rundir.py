@@ -325,8 +325,8 @@ def claim_run(run_dir: Path, new: bool) -> RunClaim:
     an empty directory or one whose earlier start never reached a checkpoint; a second writer is
     refused with the holder's pid, and the lock of a dead writer is taken over."""
     run = RunDir(Path(run_dir))
-    if run.path.exists() and not run.path.is_dir():
-        raise UserError(f"{run.path}: exists and is not a directory; choose another output.name")
+    if new and run.path.exists() and not run.path.is_dir():
+        raise UserError(new_run_problem(run))
     if not new and not run.path.is_dir():
         raise UserError(f"{run.path}: no such run directory")
     created = not run.path.exists()
@@ -336,12 +336,22 @@ def claim_run(run_dir: Path, new: bool) -> RunClaim:
         raise write_failed(run.path, e) from None
     lock = FileLock(run.lock).acquire(f"run {run.path}")
     claim = RunClaim(run, lock, created)
-    if new and run.contents() and not run.restartable():
+    if new and (taken := new_run_problem(run)):  # looked at again under the lock: another writer may have been first
         claim.release()
-        raise Conflict(f"output.name: run directory {run.path} already exists; resume it with "
-                       f"`{resume_command(run.path)}` or choose another output.name")
+        raise Conflict(taken)
     run.remove_staging_leftovers()
     return claim
+
+
+def new_run_problem(run: RunDir) -> Optional[str]:
+    """Why a new run may not be written to this directory, or None: an empty directory, or one
+    whose earlier start never reached a checkpoint, may be taken."""
+    if run.path.exists() and not run.path.is_dir():
+        return f"output.name: {run.path} exists and is not a directory; choose another output.name"
+    if run.contents() and not run.restartable():
+        return (f"output.name: run directory {run.path} already exists; resume it with "
+                f"`{resume_command(run.path)}` or choose another output.name")
+    return None
 
 
 def output_location_problems(out_dir: str | Path) -> list[str]:
@@ -361,11 +371,6 @@ def output_problems(out_dir: str | Path, name: Optional[str]) -> list[str]:
     problems = output_location_problems(out_dir)
     if problems:
         return problems
-    if name is not None:
-        run = RunDir(out_dir / name)
-        if run.path.exists() and not run.path.is_dir():
-            return [f"output.name: {run.path} exists and is not a directory; choose another output.name"]
-        if run.contents() and not run.restartable():
-            return [f"output.name: run directory {run.path} already exists; resume it with "
-                    f"`{resume_command(run.path)}` or choose another output.name"]
+    if name is not None and (taken := new_run_problem(RunDir(out_dir / name))):
+        return [taken]
     return []
