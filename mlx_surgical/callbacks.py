@@ -57,10 +57,9 @@ class ConsoleProgress:
             self.seconds += report["seconds"]
             update = report["update"]
             if update % self.every == 0 or update in (self.first, self.total):
-                left = self.seconds / (update - self.first + 1) * (self.total - update)
                 self._line(f"update {update}/{self.total}: loss {report['loss']:.3f}, "
                            f"lr {report['learning_rate']:.2e}, {report['tokens_per_second']:,.0f} tokens/s, "
-                           f"{_clock(self.seconds)} so far, {_clock(left)} left")
+                           f"{tqdm.format_interval(self.seconds)} so far, {tqdm.format_interval(report['eta_seconds'])} left")
 
     def on_eval(self, report: dict, state: TrainState, improved: bool) -> None:
         if report["val_loss"] is None or self.style == "off":
@@ -79,12 +78,6 @@ class ConsoleProgress:
     def _line(self, text: str) -> None:
         self.stream.write(text + "\n")
         self.stream.flush()
-
-
-def _clock(seconds: float) -> str:
-    minutes, seconds = divmod(int(round(seconds)), 60)
-    hours, minutes = divmod(minutes, 60)
-    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
 
 
 class MetricsFile:

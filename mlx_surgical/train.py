@@ -215,6 +215,7 @@ def train(model, optimizer, loss_fn: Callable, batch_at: Callable[[int], Batch],
     final_val = None
     stopped_early = False
     _emit(callbacks, "on_start", {"total_updates": settings.total_updates, "update": state.update})
+    session_seconds, session_updates = 0.0, 0  # the time left is foretold from this process's own pace
     with micro_batch_streams(settings.paired) as streams:
         while state.update < settings.total_updates:
             tic = time.perf_counter()
@@ -240,9 +241,11 @@ def train(model, optimizer, loss_fn: Callable, batch_at: Callable[[int], Batch],
             state.position += accum
             state.tokens += tokens
             state.train_seconds += seconds
+            session_seconds, session_updates = session_seconds + seconds, session_updates + 1
             report = {"update": state.update, "total_updates": settings.total_updates, "loss": loss,
                       "learning_rate": optimizer.learning_rate.item(), "tokens_per_second": tokens / seconds,
-                      "tokens": state.tokens, "seconds": seconds, "peak_memory_gb": mx.get_peak_memory() / 1e9}
+                      "tokens": state.tokens, "seconds": seconds, "peak_memory_gb": mx.get_peak_memory() / 1e9,
+                      "eta_seconds": session_seconds / session_updates * (settings.total_updates - state.update)}
             _emit(callbacks, "on_update", report, state)
 
             last = state.update == settings.total_updates

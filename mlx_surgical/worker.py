@@ -36,10 +36,8 @@ class JobProgress:
             self.stop.requested = True
 
     def on_update(self, report: dict, state: TrainState) -> None:
-        eta = state.train_seconds / max(report["update"], 1) * (report["total_updates"] - report["update"])
-        values = {"update": report["update"], "total_updates": report["total_updates"], "loss": report["loss"],
-                  "learning_rate": report["learning_rate"], "tokens_per_second": report["tokens_per_second"],
-                  "eta_seconds": eta}
+        values = {key: report[key] for key in ("update", "total_updates", "loss", "learning_rate",
+                                               "tokens_per_second", "eta_seconds")}
 
         def change(job: Job) -> None:
             for name, value in values.items():

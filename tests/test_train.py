@@ -13,6 +13,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
+from tqdm import tqdm
 
 from mlx_surgical.adapter import AdapterConfig, PromptRecord
 from mlx_surgical.backend import blas_thread_count
@@ -27,6 +28,7 @@ from mlx_surgical.model import load_model
 from mlx_surgical.pipeline import resume_run, train_run
 from mlx_surgical.plan import lora_parameter_count
 from mlx_surgical.registry import list_adapters
+from mlx_surgical.rundir import RunDir
 from mlx_surgical.prompt import Sample
 from mlx_surgical.surgery import HashDropout, attach_lora
 from mlx_surgical.train import (LoopSettings, evaluate, learning_rate_schedule, make_optimizer, schedule_for,
@@ -314,7 +316,7 @@ def test_resuming_a_finished_run_says_it_is_finished(trained_run):
 
 
 def test_progress_without_a_terminal_is_a_line_every_5_percent(make_config, capsys):
-    train_run(make_config(iters=40, eval_every=20), log=lambda _: None)  # pytest's stderr is no terminal
+    run = train_run(make_config(iters=40, eval_every=20), log=lambda _: None)  # pytest's stderr is no terminal
     err = capsys.readouterr().err
     assert "\r" not in err
     lines = err.splitlines()
@@ -323,6 +325,14 @@ def test_progress_without_a_terminal_is_a_line_every_5_percent(make_config, caps
     updates = [int(line.split()[1].split("/")[0]) for line in lines if line.startswith("update ") and "/40:" in line]
     assert updates == [1, *range(2, 41, 2)]
     assert sum("validation loss" in line for line in lines) == 2
+    # The time left is the one the server's jobs show: the training loop's own estimate, at this
+    # session's pace (the elapsed time over the updates so far, times the updates left).
+    etas = {r["update"]: r["eta_seconds"] for r in RunDir(run.run_dir).metric_rows() if "loss" in r}
+    seconds = [r["seconds"] for r in RunDir(run.run_dir).metric_rows() if "loss" in r]
+    assert etas[40] == 0 and etas[10] == pytest.approx(sum(seconds[:10]) / 10 * 30)
+    for line in lines:
+        if line.startswith("update ") and "/40:" in line:
+            assert line.endswith(f", {tqdm.format_interval(etas[int(line.split()[1].split('/')[0])])} left"), line
 
 
 def test_adamw_updates_as_pytorchs_adamw_with_the_schedule_of_the_config():
