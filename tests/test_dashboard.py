@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Optional
 
 import pytest
+from conftest import short_config
+
+from mlx_surgical.jobs import JobStore
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -219,3 +222,19 @@ def test_a_missing_token_is_asked_for_and_bad_input_is_shown_beside_its_field(st
     shot(page, "09-bad-fields")
     assert "Traceback" not in page.content()
     assert not (workspace / "jobs").exists() or not any(p.is_dir() for p in (workspace / "jobs").iterdir())
+
+
+def test_the_runs_list_shows_every_job_the_server_keeps(start_server, page, workspace, tiny_model):
+    """The server keeps up to serve.keep_jobs (500) finished jobs; the API hands them out a page at
+    a time, and the runs list reads every page (it once showed the newest 100 only)."""
+    store = JobStore(workspace)
+    for i in range(101):  # over one page (the dashboard's and the API's default: 100)
+        config = short_config(tiny_model, store.adapters)
+        config.output.name = f"earlier-{i:04d}"
+        with store.locked(store.create(config).id) as job:
+            job.state, job.error = "failed", "stopped by the test"
+    server = start_server("--token", TOKEN, workspace=workspace)
+    page.goto(server.banner[0].split(" at ")[1])
+    page.wait_for_selector('tr[data-run="earlier-0100"]')
+    assert page.locator("#runs-table tbody tr").count() == 101
+    assert page.is_visible('tr[data-run="earlier-0000"] >> text=failed')

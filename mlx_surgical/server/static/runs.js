@@ -6,10 +6,21 @@ import { api, streamEvents } from "./api.js";
 import { ACTIVE, duration, fill, fixed, h, integer, progressBar, refreshHealth, stateBadge, tableCard, when } from "./util.js";
 
 const REFRESH_MS = 15_000;
+const JOBS_PAGE = 100;
+
+// Every job the server keeps (serve.keep_jobs may exceed a page), newest first.
+async function allJobs(signal) {
+  const jobs = [];
+  for (let page = null; page === null || page.length === JOBS_PAGE; ) {
+    page = await api.get(`/api/training/jobs?offset=${jobs.length}&limit=${JOBS_PAGE}`, signal);
+    jobs.push(...page);
+  }
+  return jobs;
+}
 
 // One row per run name: its latest job, else the run found in adapters/ (trained by the CLI).
 export async function listRuns(signal) {
-  const [jobs, adapters] = await Promise.all([api.get("/api/training/jobs", signal), api.get("/api/adapters", signal)]);
+  const [jobs, adapters] = await Promise.all([allJobs(signal), api.get("/api/adapters", signal)]);
   const rows = new Map();
   jobs.reverse(); // the API lists the newest first: walk oldest first, so a run's latest job wins
   jobs.forEach((job, queuePosition) => rows.set(job.run_name, { name: job.run_name, job, adapter: null, queuePosition }));
