@@ -161,8 +161,7 @@ function field(key, label, kind, settings) {
   } else {
     input = h(`input#${id}`, { name: key, type: kind, step: kind === "number" ? "any" : null });
   }
-  const help = kind === "length" ? "Passes over the data, or optimizer updates (training.epochs or training.iters)."
-    : setting.help;
+  const help = kind === "length" ? `${settings.training.epochs.help} ${settings.training.iters.help}` : setting.help;
   return h("div.field", { dataset: { field: key } },
     h("label", { for: kind === "length" ? "field-training-length" : id, title: key }, label),
     input, h("p.help", help), h("ul.field-problems"));
@@ -178,7 +177,8 @@ function setValue(form, key, kind, config, settings) {
   if (kind === "length") {
     const iters = lookup(config, "training.iters");
     form.querySelector("#field-training-unit").value = iters ? "iters" : "epochs";
-    form.querySelector("#field-training-length").value = iters || lookup(config, "training.epochs") || 3;
+    // Empty when the config sets neither: the config's own default applies, as the help says.
+    form.querySelector("#field-training-length").value = iters || lookup(config, "training.epochs") || "";
     return;
   }
   const value = lookup(config, key) ?? settings[section][name].default;
