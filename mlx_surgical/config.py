@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
+from .console import alternatives
 from .data import SAMPLE_SPLITS, sample_path
 from .errors import UserError, not_text, parse_user_json, read_user_text
 from .files import write_json_atomic
@@ -158,9 +159,9 @@ class ConvertConfig:
     GROUP_SIZES = (32, 64, 128)
     DTYPES = ("float16", "bfloat16", "float32")
 
-    bits: Optional[int] = option(4, "Quantization bits (4 or 8); none keeps the weights unquantized. GGUF tensors "
-                                    "in Q4_0, Q4_1 or Q8_0 keep their own bits unless none.")
-    group_size: int = option(64, "Weights that share one quantization scale (32, 64 or 128).")
+    bits: Optional[int] = option(4, f"Quantization bits ({alternatives(BITS)}); none keeps the weights unquantized. "
+                                    "GGUF tensors in Q4_0, Q4_1 or Q8_0 keep their own bits unless none.")
+    group_size: int = option(64, f"Weights that share one quantization scale ({alternatives(GROUP_SIZES)}).")
     dtype: Optional[str] = option(None, "dtype of the unquantized parts [default: float32 where MLX runs on the CPU, "
                                         "which trains fastest there; float16 on Metal].")
 

@@ -34,6 +34,12 @@ def counted(n: int | float, noun: str, plural: str = "") -> str:
     return f"{number} {noun if number == '1' else plural or noun + 's'}"
 
 
+def alternatives(values) -> str:
+    """'32, 64 or 128': the values a setting takes, for a message."""
+    words = [str(v) for v in values]
+    return f"{', '.join(words[:-1])} or {words[-1]}" if len(words) > 1 else "".join(words)
+
+
 def printable(text: str) -> str:
     """Model output as it is safe to show: control characters other than newline and tab (a
     random or damaged model emits NUL, BEL, escape sequences) written as \\xNN escapes; every

@@ -8,6 +8,7 @@ from typing import Callable, Optional
 
 from ..backend import HALF_PRECISION_SLOWDOWN, default_convert_dtype, on_cpu_backend
 from ..config import ConvertConfig
+from ..console import alternatives
 from ..errors import UserError
 from ..files import replace_problem
 from ..model import PRESET_SOURCES, converted_folder, looks_like_local_path
@@ -32,11 +33,12 @@ def convert_model(source: str, out: Optional[str | Path] = None, bits: Optional[
     MLX backend). From a GGUF file, tensors already in Q4_0, Q4_1 or Q8_0 keep their own 4 or 8
     bits (group size 32) whenever `bits` is set."""
     if bits is not None and bits not in ConvertConfig.BITS:
-        raise UserError(f"--bits: {bits} is not supported; use 4 or 8, or none to keep the weights unquantized")
+        raise UserError(f"--bits: {bits} is not supported; use {alternatives(ConvertConfig.BITS)}, or none to keep "
+                        "the weights unquantized")
     if group_size not in ConvertConfig.GROUP_SIZES:
-        raise UserError(f"--group-size: {group_size} is not supported; use 32, 64 or 128")
+        raise UserError(f"--group-size: {group_size} is not supported; use {alternatives(ConvertConfig.GROUP_SIZES)}")
     if dtype is not None and dtype not in ConvertConfig.DTYPES:
-        raise UserError(f"--dtype: {dtype} is not supported; use float16, bfloat16 or float32")
+        raise UserError(f"--dtype: {dtype} is not supported; use {alternatives(ConvertConfig.DTYPES)}")
     kind = source_kind(source)
     if kind == "hf" and looks_like_local_path(source) and not Path(source).expanduser().exists():
         raise UserError(f"SOURCE: {source} does not exist; give a Hugging Face repo id (such as "
