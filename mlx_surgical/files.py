@@ -182,6 +182,10 @@ def write_json_atomic(path: str | Path, data) -> None:
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
+def write_jsonl_atomic(path: str | Path, rows: list) -> None:
+    write_text_atomic(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
 def read_json_or_empty(path: str | Path) -> dict:
     """A JSON object from a file the program wrote itself, or {} when it is missing or
     unreadable (the registry lists what it can)."""

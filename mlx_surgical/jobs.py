@@ -24,7 +24,6 @@ checked and confined to the workspace before they become jobs (server/workspace.
 
 import asyncio
 import fcntl
-import json
 import os
 import shutil
 import signal
@@ -40,7 +39,7 @@ from typing import AsyncIterator, Callable, Iterator, Optional
 
 from .config import OutputConfig, RunConfig, ServeConfig, learning_rate_problem
 from .errors import Conflict, NotFound, UserError
-from .files import append_jsonl, make_directory, read_json_or_empty, read_jsonl, write_json_atomic, write_text_atomic
+from .files import append_jsonl, make_directory, read_json_or_empty, read_jsonl, write_json_atomic, write_jsonl_atomic
 from .locks import FileLock, is_locked
 from .rundir import EVAL_JSON, RunDir, now
 
@@ -262,7 +261,7 @@ class JobStore:
             examples = request.pop("examples", None)
             if examples is not None:
                 request["data"] = str(self.path(job_id) / HELD_OUT_FILE)
-                write_text_atomic(request["data"], "".join(json.dumps(e) + "\n" for e in examples))
+                write_jsonl_atomic(request["data"], examples)
             write_json_atomic(self.path(job_id) / CONFIG_FILE, request)
             job = Job(id=job_id, seq=time.time_ns(), run_name=run_dir.name, run_dir=str(run_dir), kind="eval",
                       created=now())

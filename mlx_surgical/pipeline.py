@@ -32,7 +32,7 @@ from .errors import TrainingDiverged, TrainingInterrupted, UserError
 from .eval import evaluate_adapter
 from .eval.examples import read_examples
 from .eval.report import format_table
-from .files import write_text_atomic
+from .files import write_jsonl_atomic
 from .loss import training_loss
 from .model import (LoadedModel, inspect_model_dir, is_local, load_model, load_tokenizer, local_model_dir,
                     looks_like_local_path, model_shape)
@@ -415,7 +415,7 @@ def _after_divergence(run: RunDir, peak: float) -> str:
 def _truncate_metrics(run: RunDir, update: int) -> list[dict]:
     """Drop rows written after the checkpoint we resume from; they will be written again."""
     rows = [r for r in run.metric_rows() if isinstance(r.get("update"), int) and r["update"] <= update]
-    write_text_atomic(run.metrics, "".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl_atomic(run.metrics, rows)
     return rows
 
 

@@ -13,6 +13,7 @@ from ..adapter import Adapter
 from ..errors import UserError
 from ..files import staged_directory
 from ..model import with_mlx_lm_rope
+from ..shape import read_model_config
 from ..surgery import fuse_lora, load_with_adapter
 
 
@@ -23,7 +24,7 @@ def write(adapter: Adapter, out: Path, base_model: Optional[str] = None, dequant
     loaded = load_with_adapter(base, adapter.directory, where="--base-model" if base_model else "the base model",
                                dtype=None)  # the base's own dtype, not the one computing is fastest in
     model = fuse_lora(loaded.model, dequantize=dequantize)
-    config = with_mlx_lm_rope(json.loads((loaded.path / "config.json").read_text()), str(loaded.path))
+    config = with_mlx_lm_rope(read_model_config(loaded.path), str(loaded.path))
     if dequantize:
         model = dequantize_model(model)
         config.pop("quantization", None)
