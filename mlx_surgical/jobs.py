@@ -79,9 +79,14 @@ class Job:
     val_loss: Optional[float] = None
     error: Optional[str] = None
 
+    @property
+    def resumable(self) -> bool:
+        """A training job that stopped, was interrupted or failed (or whose stop is under way)."""
+        return self.kind == "train" and (self.state in RESUMABLE or (self.state == "running" and self.stop_requested))
+
     def public(self) -> dict:
-        """What the REST API shows."""
-        return {name: getattr(self, name) for name in PUBLIC_FIELDS}
+        """What the REST API shows (with whether it can be resumed, so no client keeps the rule)."""
+        return {**{name: getattr(self, name) for name in PUBLIC_FIELDS}, "resumable": self.resumable}
 
     @classmethod
     def from_dict(cls, raw: dict) -> "Job":
@@ -357,7 +362,7 @@ class Scheduler:
         with self._lock, self.store.locked(job_id) as job:
             if job.kind != "train":
                 raise UserError(f"job {job_id} is an evaluation; queue a new one instead of resuming it")
-            if not (job.state in RESUMABLE or (job.state == "running" and job.stop_requested)):
+            if not job.resumable:
                 raise Conflict(f"job {job_id} is {job.state}; only stopped, interrupted or failed jobs can be resumed")
             job.attempt += 1  # whatever the old worker still reports is not taken
             job.state, job.resume, job.finished, job.error, job.stop_requested = "queued", True, None, None, False

@@ -134,13 +134,13 @@ def test_queue_stop_and_exact_resume(start_server, tiny_model):
 
         assert client.post(f"/api/training/jobs/{long_id}/stop").status_code == 200
         stopped = wait_for(client, long_id, lambda j: j["state"] not in ("running", "queued"))
-        assert stopped["state"] == "cancelled" and stopped["update"] < 120
+        assert stopped["state"] == "cancelled" and stopped["update"] < 120 and stopped["resumable"]
         wait_for(client, short_id, lambda j: j["state"] == "succeeded")  # the queue moves on, in order
 
         resumed = client.post(f"/api/training/jobs/{long_id}/resume")
         assert resumed.status_code == 202 and resumed.json()["state"] == "queued"
         done = wait_for(client, long_id, lambda j: j["state"] in ("succeeded", "failed"))
-        assert done["state"] == "succeeded" and done["update"] == 120, done
+        assert done["state"] == "succeeded" and done["update"] == 120 and not done["resumable"], done
         updates = [m["update"] for m in client.get(f"/api/training/jobs/{long_id}/metrics").json() if "loss" in m]
         assert updates == list(range(1, 121))
         again = client.post(f"/api/training/jobs/{long_id}/resume")

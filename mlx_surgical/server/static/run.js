@@ -89,7 +89,7 @@ export async function runView(main, { signal, arg: name }) {
     status.dataset.state = state;
     fill(actions,
       job ? h("button#stop", { disabled: !ACTIVE.includes(job.state), on: { click: () => act("stop") } }, "Stop") : null,
-      job ? h("button#resume", { disabled: !["cancelled", "interrupted", "failed"].includes(job.state),
+      job ? h("button#resume", { disabled: !job.resumable,
         on: { click: () => act("resume") } }, "Resume") : null);
     renderDownloads();
   }
