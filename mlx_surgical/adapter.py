@@ -131,9 +131,8 @@ class AdapterConfig:
                     for name, value in (("lora_parameters.scale", self.scale), ("lora_alpha", self.alpha),
                                         ("lora_parameters.dropout", self.dropout))
                     if not math.isfinite(value)]
-        problems += [f"{name} is {value}, not a positive whole number"
-                     for name, value in (("lora_parameters.rank", self.rank), ("num_layers", self.num_layers))
-                     if value < 1]
+        if self.rank < 1:  # num_layers below 1 is mlx-lm's "every layer" (mlx_lm.lora --num-layers -1)
+            problems.append(f"lora_parameters.rank is {self.rank}, not a positive whole number")
         if self.base and self.base.model_shape().fingerprint() != self.base.fingerprint:
             problems.append("base_model.fingerprint does not match the shape recorded beside it")
         if self.prompt.format not in PROMPT_FORMATS:

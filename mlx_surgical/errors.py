@@ -66,7 +66,13 @@ def not_text(where: str, value: str) -> Optional[str]:
 
 def read_user_text(path: Path, what: str, hint: str = "") -> str:
     """A UTF-8 text file, without a leading BOM; invalid bytes are reported with their line."""
-    data = read_user_bytes(path, what, hint).removeprefix(UTF8_BOM)
+    return decode_user_text(read_user_bytes(path, what, hint), str(path))
+
+
+def decode_user_text(data: bytes, where: str) -> str:
+    """UTF-8 text a user gave (a file, stdin), without a leading BOM; an invalid byte is reported
+    with its line and column."""
+    data = data.removeprefix(UTF8_BOM)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -75,7 +81,7 @@ def read_user_text(path: Path, what: str, hint: str = "") -> str:
         line = data[line_start:line_end if line_end >= 0 else len(data)]
         bad = UnicodeDecodeError(e.encoding, line, e.start - line_start, e.end - line_start, e.reason)
         lineno = data.count(b"\n", 0, e.start) + 1
-        raise UserError(not_utf8(f"{path}:{lineno}", bad)) from None
+        raise UserError(not_utf8(f"{where}:{lineno}", bad)) from None
 
 
 def parse_user_json(text: str, path: Path) -> Any:

@@ -7,7 +7,7 @@ from mlx_lm.generate import stream_generate
 from mlx_lm.sample_utils import make_sampler
 
 from .adapter import AdapterConfig
-from .errors import UserError, not_text, not_utf8
+from .errors import UserError, decode_user_text, not_text
 from .model import LoadedModel
 from .prompt import PromptFormat
 from .rundir import require_directory
@@ -24,10 +24,7 @@ def generate(model_path: Optional[str], adapter_dir: Optional[str], read_prompt:
     base_model = base_model_for(model_path, adapter_dir)
     prompt = read_prompt()
     if isinstance(prompt, bytes):
-        try:
-            prompt = prompt.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise UserError(not_utf8("generate: the prompt on stdin", e)) from None
+        prompt = decode_user_text(prompt, "generate: the prompt on stdin")
     if not prompt.strip():
         raise UserError("generate: give a PROMPT argument or text on stdin")
     if problem := not_text("generate: the prompt", prompt):

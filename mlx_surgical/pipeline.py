@@ -448,8 +448,11 @@ def validate_run(config: RunConfig) -> list[str]:
     records, data_problems = read_splits(config)
     problems += data_problems
     if tokenizer is not None:
-        encoded, encoding_problems = encode_splits(config, PromptFormat.for_data(tokenizer, config.data), records)
-        problems += encoding_problems
+        try:
+            encoded, encoding_problems = encode_splits(config, PromptFormat.for_data(tokenizer, config.data), records)
+            problems += encoding_problems
+        except UserError as e:  # a prompt format the tokenizer cannot write
+            problems += e.problems
     for split in records:
         notes += [*(encoded[split].report_lines(split) if split in encoded else []),
                   f"{split}: {counted(len(records[split]), 'example')}"]

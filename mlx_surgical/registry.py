@@ -3,6 +3,7 @@
 Every run directory explains itself (rundir.RunInfo, adapter.AdapterConfig), so the registry
 keeps no index of its own: listing reads the directories. It never loads MLX."""
 
+import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -120,7 +121,7 @@ def verify(root: str | Path, name: str, model_path: Optional[str] = None) -> lis
         if PurePath(file).is_absolute() or ".." in PurePath(file).parts:
             problems.append(f"{run.info}: checksums: '{file}' is not a file inside the run directory; "
                             "delete that entry")
-        elif not path.resolve().is_relative_to(run_dir.resolve()):
+        elif not Path(os.path.realpath(path)).is_relative_to(os.path.realpath(run_dir)):  # realpath: loops too
             problems.append(f"{path}: a link leading outside the run directory; put the file itself there")
         elif not path.exists():
             problems.append(f"{path}: missing (listed in {run.info.name})")

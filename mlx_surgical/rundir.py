@@ -226,8 +226,9 @@ _JSON_NAMES = {str: "a string", int: "a whole number", float: "a number", bool: 
 
 
 def from_json(value: Any, kind: Any, where: str, path: Path) -> Any:
-    """`value`, read from run.json for the field `where` declared as `kind`, with its records
-    rebuilt; a value of another type is refused naming the field, so no reader trips on it later."""
+    """`value`, read from run.json or adapter_config.json for the field `where` declared as `kind`,
+    with its records rebuilt; a value of another type is refused naming the field, so no reader
+    trips on it later."""
     if get_origin(kind) is Union:  # Optional[X]
         if value is None:
             return None

@@ -155,6 +155,16 @@ def test_both_splits_problems_are_reported_at_once(tiny_model, tmp_path, command
     assert "train.jsonl:1: field 'response'" in errors[0] and "valid.jsonl:2: malformed JSON" in errors[1]
 
 
+def test_a_prompt_format_the_tokenizer_cannot_write_is_reported_with_the_rest(tiny_model, tmp_path):
+    (tmp_path / "train.jsonl").write_text('{"instruction": "a"}\n')
+    config = write_config(tmp_path, tiny_model, data={"train": str(tmp_path / "train.jsonl"),
+                                                     "prompt_format": "chat_template"})
+    result = CliRunner().invoke(cli, ["validate", str(config)])
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert result.exit_code == 2 and len(errors) == 2, result.output
+    assert "train.jsonl:1: field 'response'" in errors[0] and "the tokenizer has no chat template" in errors[1]
+
+
 def test_a_full_disk_is_one_clear_line(tiny_model, tmp_path):
     """The file size limit makes every write past 32 KB fail, as a full disk does."""
     config = write_config(tmp_path, tiny_model, training={"iters": 4, "save_every": 2})  # a 48 KB optimizer state

@@ -91,12 +91,34 @@ def test_generate_streams_and_compares(trained_run, tiny_model, other_tiny_model
     assert no_base.exit_code == 2 and "--model: name the base model" in no_base.output
     refused = run("generate", "--model", str(other_tiny_model), "--adapter", str(trained_run), "hi")
     assert refused.exit_code == 2 and "not on" in refused.output and "Traceback" not in refused.output
-    for prompt, problem in ((b"def f():\n\xff", "the prompt on stdin: not valid UTF-8 (byte 0xff at column 10)"),
+    for prompt, problem in ((b"def f():\n  \xff", "the prompt on stdin:2: not valid UTF-8 (byte 0xff at column 3)"),
                             (b" \n", "give a PROMPT argument or text on stdin")):
         refused = run("generate", "--model", str(tiny_model), input=prompt)
         assert refused.exit_code == 2 and problem in refused.output, refused.output
     refused = run("generate", "--compare", input=b"never read")
     assert refused.exit_code == 2 and "generate --compare needs --adapter" in refused.output
+
+
+def test_an_adapter_written_by_mlx_lm_lora_on_every_layer_is_used(trained_run, tiny_model, tmp_path):
+    """mlx_lm.lora writes its arguments as adapter_config.json; `--num-layers -1` (every layer) is
+    written as -1, which mlx-lm reads as every layer, and so must we."""
+    plain = tmp_path / "mlx-lm-adapter"
+    plain.mkdir()
+    shutil.copy(trained_run / "adapters.safetensors", plain)
+    (plain / "adapter_config.json").write_text(json.dumps({
+        "model": str(tiny_model), "train": True, "fine_tune_type": "lora", "optimizer": "adam",
+        "data": "data/", "seed": 0, "num_layers": -1, "batch_size": 4, "iters": 8, "val_batches": 25,
+        "learning_rate": 2e-2, "steps_per_report": 10, "steps_per_eval": 200, "resume_adapter_file": None,
+        "adapter_path": str(plain), "save_every": 100, "test": False, "max_seq_length": 512,
+        "grad_checkpoint": False, "lr_schedule": None, "mask_prompt": False,
+        "lora_parameters": {"rank": 8, "dropout": 0.0, "scale": 2.0,
+                            "keys": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]}}))
+    ours = run("generate", "--model", str(tiny_model), "--adapter", str(trained_run), "--max-tokens", "8", "hi")
+    theirs = run("generate", "--model", str(tiny_model), "--adapter", str(plain), "--max-tokens", "8", "hi")
+    assert theirs.exit_code == 0, theirs.output
+    assert theirs.output.split(" s\n", 1)[1] == ours.output.split(" s\n", 1)[1]
+    verified = run("adapters", "verify", str(plain), "--model", str(tiny_model))
+    assert verified.exit_code == 0, verified.output
 
 
 def _with(**changes):
@@ -186,6 +208,11 @@ def test_verify_follows_no_link_out_of_the_run(trained_run, tmp_path):
     refused = run("adapters", "--root", str(root), "verify", run_dir.name)
     assert refused.exit_code == 2, refused.output
     assert "adapters.safetensors: a link leading outside the run directory" in refused.output
+    looped = run_dir / "best" / "adapters.safetensors"  # listed in run.json's checksums
+    looped.unlink()
+    looped.symlink_to(looped)
+    refused = run("adapters", "--root", str(root), "verify", run_dir.name)
+    assert refused.exit_code == 2 and "best/adapters.safetensors: missing" in refused.output, refused.output
 
 
 def test_a_name_longer_than_the_file_system_allows_is_not_found(trained_run, tmp_path):

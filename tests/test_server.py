@@ -179,6 +179,10 @@ def test_bad_requests_are_refused_with_every_problem(start_server, tiny_model, t
         escape["data"] = {"train": "../../etc/passwd.jsonl"}
         refused = client.post("/api/training/start", json=escape)
         assert refused.status_code == 422 and "outside the workspace" in refused.json()["problems"][0]
+        unknown = job_config(tiny_model, "unknown")
+        unknown["data"] = {"train": "bundled:nope"}
+        refused = client.post("/api/training/start", json=unknown)
+        assert refused.status_code == 422 and len(refused.json()["problems"]) == 1, refused.json()
         escape["lora"] = {"rank": 0}  # every problem at once: the config's and the workspace's
         refused = client.post("/api/training/start", json=escape)
         assert refused.status_code == 422 and len(refused.json()["problems"]) == 2, refused.json()

@@ -27,11 +27,13 @@ def prepare_config(raw: dict, store: JobStore) -> tuple[RunConfig, list[str]]:
     Returns it with validate's notes."""
     from ..pipeline import validate_run  # loads MLX, which the server otherwise needs only for /api/health's facts
 
-    # The workspace's own rules, read from the request itself so they are reported with the config's.
+    # The workspace's own rules, read from the request itself so they are reported with the
+    # config's (a data file's malformed name is among the config's problems).
     data, output = (raw.get(name) if isinstance(raw, dict) and isinstance(raw.get(name), dict) else {}
                     for name in ("data", "output"))
-    problems = [p for name in ("train", "valid") if isinstance(value := data.get(name), str)
-                and (p := workspace_file(store, value, f"config: data.{name}"))]
+    problems = [p for name in ("train", "valid")
+                if isinstance(value := data.get(name), str) and data_path_problem(value, name) is None
+                and (p := outside_workspace(store, value, f"config: data.{name}"))]
     if output.get("dir", OutputConfig.dir) != OutputConfig.dir:
         problems.append("config: output.dir: runs are written to the workspace's adapters/; leave it unset")
     try:  # whether a data file exists is told only of files inside the workspace
@@ -53,9 +55,12 @@ def prepare_config(raw: dict, store: JobStore) -> tuple[RunConfig, list[str]]:
 
 
 def workspace_file(store: JobStore, value: str, where: str) -> Optional[str]:
-    """The problem with a data file outside the workspace (or with its name), or None."""
-    if problem := data_path_problem(value, where):
-        return problem
+    """The problem with a data file's name, or with a file outside the workspace, or None."""
+    return data_path_problem(value, where) or outside_workspace(store, value, where)
+
+
+def outside_workspace(store: JobStore, value: str, where: str) -> Optional[str]:
+    """The problem with a data file (its name well formed) outside the workspace, or None."""
     if value.startswith(BUNDLED_PREFIX) or (store.workspace / value).resolve().is_relative_to(store.workspace):
         return None
     return (f"{where}: '{value}' is outside the workspace; send the examples inline or put the file in the "
