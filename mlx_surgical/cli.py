@@ -7,6 +7,7 @@ import json
 import math
 import signal
 import sys
+import time
 from pathlib import Path
 
 import click
@@ -79,9 +80,11 @@ def cli():
 @user_errors
 def quickstart_cmd(out, real, model_dir, epochs, no_progress):
     """Train surgical LoRA on bundled data (a tiny model, or SmolLM2 with --real), compare answers."""
+    started = time.perf_counter()  # the time it prints counts the imports below
     from .quickstart import run_quickstart
 
-    result = run_quickstart(out, model_dir, epochs=epochs, progress="lines" if no_progress else "auto", real=real)
+    result = run_quickstart(out, model_dir, epochs=epochs, progress="lines" if no_progress else "auto", real=real,
+                            started=started)
     click.echo("\n".join(result.report_lines()))
 
 

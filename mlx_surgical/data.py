@@ -190,7 +190,7 @@ def split_records(data_config, split: str) -> list[Record]:
     path = data_config.train if split == "train" else data_config.valid
     inline = data_config.examples if split == "train" else data_config.valid_examples
     if path is not None:
-        records = read_records(path)
+        records = read_records(path, f"data.{split} in the config")
         where = str(path)
     elif inline is not None:
         where = "data.examples" if split == "train" else "data.valid_examples"

@@ -5,6 +5,7 @@ The CLI prints its lines and exits with status 2; the server answers 4xx. Anythi
 that escapes is a bug in mlx_surgical and keeps its traceback.
 """
 
+import difflib
 import json
 from pathlib import Path
 from typing import Any, Optional
@@ -39,11 +40,23 @@ class TrainingInterrupted(Exception):
 UTF8_BOM = b"\xef\xbb\xbf"  # some editors start UTF-8 files with it; JSON readers refuse it
 
 
+def similar_name(path: Path) -> Optional[Path]:
+    """What `path` (which does not exist) was probably meant to be: the one file or folder beside it
+    with a close name (a typo: models/tiny-lama for models/tiny-llama), or None."""
+    try:
+        names = [p.name for p in path.parent.iterdir()]
+    except OSError:
+        return None
+    close = difflib.get_close_matches(path.name, names, n=2, cutoff=0.8)
+    return path.parent / close[0] if len(close) == 1 else None
+
+
 def read_user_bytes(path: Path, what: str, hint: str = "") -> bytes:
     try:
         return path.read_bytes()
     except FileNotFoundError:
-        raise UserError(f"{path}: {what} file not found{hint}") from None
+        meant = similar_name(path)
+        raise UserError(f"{path}: {what} file not found{hint}{f' (did you mean {meant}?)' if meant else ''}") from None
     except OSError as e:
         raise UserError(f"{path}: cannot read {what} file: {e}") from None
 

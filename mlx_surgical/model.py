@@ -22,7 +22,7 @@ from safetensors import SafetensorError, safe_open
 
 from .backend import training_dtype
 from .config import parse_json_file, preset_path
-from .errors import UserError
+from .errors import UserError, similar_name
 from .shape import ModelShape, local_shape, read_model_config
 
 WEIGHTS_GLOB = "model*.safetensors"  # what mlx-lm loads
@@ -82,6 +82,8 @@ def local_model_dir(path: str, revision: Optional[str] = None, download: bool = 
     if looks_like_local_path(path):
         lookup = (" (a relative path is looked up from the working directory, then from the config file's folder)"
                   if where == "model.path" else "")
+        if meant := similar_name(Path(path).expanduser()):
+            raise UserError(f"{where}: the model folder {path} does not exist{lookup}; did you mean {meant}?")
         raise UserError(f"{where}: the model folder {path} does not exist{lookup}; {how_to_create(path)}")
     try:
         return Path(snapshot_download(path, revision=revision, allow_patterns=DEFAULT_ALLOW_PATTERNS,

@@ -85,8 +85,9 @@ class EncodedData:
     def report_lines(self, split: str) -> list[str]:
         lines = []
         if self.truncated:
-            lines.append(f"{split}: {counted(len(self.truncated), 'example')} longer than max_seq_length had their "
-                         f"response cut: {', '.join(self.truncated[:5])}{' ...' if len(self.truncated) > 5 else ''}")
+            whose = "its response" if len(self.truncated) == 1 else "their responses"
+            lines.append(f"{split}: {counted(len(self.truncated), 'example')} longer than max_seq_length had {whose} "
+                         f"cut: {', '.join(self.truncated[:5])}{' ...' if len(self.truncated) > 5 else ''}")
         if self.skipped:
             lines.append(f"{split}: {counted(len(self.skipped), 'example')} left out because their prompt fills "
                          f"max_seq_length or overlength is 'skip': {', '.join(self.skipped[:5])}"

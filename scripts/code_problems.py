@@ -286,7 +286,7 @@ def example(concept: str, name: str, signature: str, doc: str, body: str, tests:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--model", required=True, help="MLX model directory to train on")
     args = parser.parse_args()

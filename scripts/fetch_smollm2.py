@@ -14,6 +14,6 @@ from mlx_surgical.errors import UserError
 
 if __name__ == "__main__":
     try:
-        fetch_smollm2()
+        print(f"SmolLM2-135M-Instruct: {fetch_smollm2()}")
     except UserError as e:
         sys.exit(f"error: {e}")

@@ -59,7 +59,7 @@ def timed(client: httpx.Client, params: dict, count: int) -> list[float]:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=2000)
     parser.add_argument("--idle-seconds", type=float, default=20)
     parser.add_argument("--requests", type=int, default=200)

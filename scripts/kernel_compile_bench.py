@@ -40,7 +40,7 @@ def machine_code(library: Path) -> str:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=list(BENCHMARK_SHAPES), default="small")
     parser.add_argument("--rounds", type=int, default=2, help="times each kernel is compiled each way")
     args = parser.parse_args()

@@ -31,7 +31,7 @@ VECTOR, WHEEL = "AVX2 kernels", "wheel's kernels"
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=list(BENCHMARK_SHAPES), default="smollm2")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()

@@ -75,7 +75,7 @@ def measure(size: str, seq_len: int, updates: int = 2, accum: int = 2) -> dict:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="small,medium,large")
     parser.add_argument("--seq-len", type=int, default=512)
     args = parser.parse_args()

@@ -83,7 +83,7 @@ def median_milliseconds(work: dict) -> dict:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=list(BENCHMARK_SHAPES), default="smollm2")
     parser.add_argument("--length", type=int, default=104, help="tokens in the sequence")
     parser.add_argument("--learned", type=int, default=56, help="response tokens (learned positions)")

@@ -180,7 +180,7 @@ def median_round(runs: list[dict]) -> dict:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=list(BENCHMARK_SHAPES), default="small")
     parser.add_argument("--updates", type=int, help="timed updates (default: 30, 300 for tiny)")
     parser.add_argument("--rounds", type=int, default=1, help="runs of each system, in turn; the median is shown")

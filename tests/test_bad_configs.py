@@ -64,6 +64,12 @@ CASES = {
     "the real quickstart's folder missing": (
         lambda t, m: write_config(t, "models/SmolLM2-135M-Instruct-float32"),
         "run `mlx-surgical quickstart --real --model-dir models/SmolLM2-135M-Instruct-float32` once"),
+    "a typo in the model folder": (lambda t, m: shutil.copytree(m, t / "models" / "tiny-llama") and write_config(
+        t, t / "models" / "tiny-lama"), "does not exist (a relative path is looked up from the working directory, then "
+        "from the config file's folder); did you mean "),
+    "a typo in the data file": (lambda t, m: shutil.copy(sample_path("train"), t / "train.jsonl") and write_config(
+        t, m, data={"train": str(t / "trian.jsonl")}), "trian.jsonl: data file not found; check data.train in the config "
+        "(did you mean "),
     "config.json malformed": (lambda t, m: write_config(t, broken_model(
         t, m, lambda d: (d / "config.json").write_text('{"model_type": "llama",'))), "config.json:1:24: malformed JSON"),
     "config.json not Llama": (lambda t, m: write_config(t, broken_model(

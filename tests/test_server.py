@@ -79,11 +79,13 @@ def test_a_job_posted_as_a_file_is_followed_to_success_and_downloaded(start_serv
         assert [a["name"] for a in client.get("/api/adapters").json()] == ["first"]
         assert client.get("/api/adapters/first").json()["adapter_config"]["lora_parameters"]["rank"] == 8
         for fmt, expected in (("mlx", "adapters.safetensors"), ("peft", "adapter_model.safetensors"),
-                              ("gguf", "first-gguf")):
+                              ("gguf", "first-gguf.gguf")):
             download = client.get("/api/adapters/first/export", params={"format": fmt})
             assert download.status_code == 200 and download.headers["content-type"] == "application/zip"
             names = zipfile.ZipFile(io.BytesIO(download.content)).namelist()
             assert any(n.endswith(expected) for n in names), names
+            if fmt == "gguf":  # the file llama.cpp and Ollama take, named as the CLI names it
+                assert names == ["first-gguf.gguf"], names
 
         # What the dashboard reads about a run: its metrics, resolved config and plan.
         assert client.get("/api/adapters/first/metrics").json() == metrics

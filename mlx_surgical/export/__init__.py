@@ -16,6 +16,7 @@ from . import gguf, mlx, peft
 
 FORMATS = ("mlx", "peft", "gguf", "fused")
 WRITERS = {"mlx": mlx.write, "peft": peft.write, "gguf": gguf.write}
+SUFFIXES = {"gguf": ".gguf"}  # a format written as one file, not a folder
 
 
 def export_adapter(adapter_dir: str | Path, fmt: str, out: Optional[str | Path] = None,
@@ -24,7 +25,7 @@ def export_adapter(adapter_dir: str | Path, fmt: str, out: Optional[str | Path] 
     if fmt not in FORMATS:
         raise UserError(f"--format: unknown format '{fmt}'; choose from {', '.join(FORMATS)}")
     adapter = read_adapter(adapter_dir)
-    out = Path(out) if out else Path(adapter_dir) / (f"export-{fmt}" + (".gguf" if fmt == "gguf" else ""))
+    out = Path(out) if out else Path(adapter_dir) / f"export-{fmt}{SUFFIXES.get(fmt, '')}"
     if out.exists() and not force:
         raise UserError(f"{out}: already exists; choose another --out or pass --force to replace it")
     reads = [Path(adapter_dir)] + ([Path(base_model)] if base_model and Path(base_model).exists() else [])
@@ -43,5 +44,5 @@ def export_archive(adapter_dir: str | Path, fmt: str, scratch: Path) -> Path:
     if fmt not in WRITERS:
         raise UserError(f"format: unknown format '{fmt}'; choose {', '.join(WRITERS)}")
     name = f"{Path(adapter_dir).name}-{fmt}"
-    out = export_adapter(adapter_dir, fmt, scratch / name)
+    out = export_adapter(adapter_dir, fmt, scratch / (name + SUFFIXES.get(fmt, "")))
     return Path(shutil.make_archive(str(scratch / name), "zip", root_dir=out.parent, base_dir=out.name))
