@@ -220,7 +220,7 @@ def test_bad_requests_are_refused_with_every_problem(start_server, tiny_model, t
         missing["data"] = {"train": "missing.jsonl"}
         refused = client.post("/api/training/start", json=missing)
         assert refused.status_code == 422 and refused.json()["problems"] == [
-            "missing.jsonl: data file not found; check data.train / data.valid in the config"]
+            "missing.jsonl: data file not found; check data.train in the config"]
         too_big = job_config(tiny_model, "too-big")
         too_big["lora"]["rank"] = 2 ** 20
         refused = client.post("/api/training/start", json=too_big)
